@@ -1,0 +1,130 @@
+"""Softmax, log-softmax and log-sum-exp from elementary operations, stable for any logits.
+
+All three rest on one identity: for any constant ``m``,
+
+.. math::
+
+    \\log \\sum_c e^{x_c} = m + \\log \\sum_c e^{x_c - m},
+
+and choosing ``m = max_c x_c`` makes every exponent ``≤ 0``, so nothing overflows and the largest
+term is exactly 1, so the sum never underflows to 0. Gradients come from autograd through these
+operations (``∂ lse / ∂x = softmax(x)``; the max is a constant shift and is detached).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xent._validation import compute_dtype
+
+
+def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``max(x, dim, keepdim=True)``, detached, with all-``-inf`` rows shifted by 0 instead.
+
+    ``-inf - (-inf)`` would be NaN; shifting such a row by 0 keeps every exponential at 0, so the
+    row's log-sum-exp is ``-inf`` and its log-softmax NaN, as in PyTorch. A row holding ``+inf``
+    keeps its max and comes out NaN, also as in PyTorch.
+    """
+    m = x.detach().amax(dim=dim, keepdim=True)
+    return torch.where(m == -torch.inf, torch.zeros_like(m), m)
+
+
+def logsumexp(input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+    """Log of the sum of exponentials along ``dim``, computed without overflow.
+
+    .. math::
+
+        \\operatorname{lse}(x) = m + \\log \\sum_c e^{x_c - m}, \\qquad m = \\max_c x_c
+
+    Args:
+        input: tensor of any shape and floating dtype.
+        dim: dimension (or dimensions) to reduce.
+        keepdim: keep the reduced dimension with size 1.
+
+    Returns:
+        ``input``'s shape without ``dim`` (or with size 1 there if ``keepdim``), ``input``'s dtype.
+        A row of all ``-inf`` gives ``-inf``; a row holding ``+inf`` gives ``+inf``.
+
+    Equals ``torch.logsumexp(input, dim, keepdim)``.
+
+    Example:
+        >>> import torch, xent
+        >>> xent.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
+        tensor(1000.6931)
+    """
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if not input.is_floating_point():
+        input = input.to(torch.get_default_dtype())
+    x = input.to(compute_dtype(input.dtype))
+    m = x.detach().amax(dim=dims, keepdim=True)
+    # Unlike log-softmax, log-sum-exp has a finite-or-infinite answer for ±inf rows: shift by 0.
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    out = (x - m).exp().sum(dim=dims, keepdim=True).log() + m
+    if not keepdim:
+        out = out.squeeze(dims)
+    return out.to(input.dtype)
+
+
+def log_softmax(
+    input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Logarithm of the softmax along ``dim``: ``x - logsumexp(x)``.
+
+    .. math::
+
+        \\log \\operatorname{softmax}(x)_c = x_c - m - \\log \\sum_k e^{x_k - m},
+        \\qquad m = \\max_k x_k
+
+    Args:
+        input: tensor of any shape and floating dtype.
+        dim: the class dimension.
+        dtype: if given, ``input`` is cast to it first (as in PyTorch).
+
+    Returns:
+        Same shape as ``input``; ``input``'s dtype (or ``dtype``). Half-precision inputs are
+        computed in fp32 and rounded once at the end.
+
+    Equals ``torch.nn.functional.log_softmax(input, dim, dtype=dtype)``; shifting every logit
+    in a row by the same constant leaves the result unchanged, even for offsets of 1e4 in fp32.
+
+    Example:
+        >>> import torch, xent
+        >>> xent.log_softmax(torch.tensor([1.0, 2.0, 3.0]), dim=0)
+        tensor([-2.4076, -1.4076, -0.4076])
+    """
+    if dtype is not None:
+        input = input.to(dtype)
+    x = input.to(compute_dtype(input.dtype))
+    shifted = x - _stable_max(x, dim)
+    out = shifted - shifted.exp().sum(dim=dim, keepdim=True).log()
+    return out.to(input.dtype)
+
+
+def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Normalised exponentials along ``dim``: ``exp(x - m) / Σ exp(x - m)``.
+
+    .. math::
+
+        \\operatorname{softmax}(x)_c = \\frac{e^{x_c - m}}{\\sum_k e^{x_k - m}},
+        \\qquad m = \\max_k x_k
+
+    Args:
+        input: tensor of any shape and floating dtype.
+        dim: the class dimension.
+        dtype: if given, ``input`` is cast to it first (as in PyTorch).
+
+    Returns:
+        Same shape and dtype as ``input`` (or ``dtype``); each slice along ``dim`` sums to 1.
+
+    Equals ``torch.nn.functional.softmax(input, dim, dtype=dtype)``.
+
+    Example:
+        >>> import torch, xent
+        >>> xent.softmax(torch.tensor([1.0, 2.0, 3.0]), dim=0)
+        tensor([0.0900, 0.2447, 0.6652])
+    """
+    if dtype is not None:
+        input = input.to(dtype)
+    x = input.to(compute_dtype(input.dtype))
+    e = (x - _stable_max(x, dim)).exp()
+    return (e / e.sum(dim=dim, keepdim=True)).to(input.dtype)

@@ -1,0 +1,485 @@
+"""Cross-entropy and negative log-likelihood, each with a closed-form gradient.
+
+Both losses look at one *row* of ``C`` class scores at a time. Inputs of shape ``(N, C, d1, …, dK)``
+are viewed as ``M = N·d1·…·dK`` rows of ``C`` columns (the class axis moved last), a 1-D input
+``(C)`` as a single row; every formula below is written for one row ``x`` with target ``y``.
+
+The backward passes are written out by hand rather than left to autograd, and they recompute the
+softmax from the saved logits with ordinary differentiable operations, so double backward
+(Hessian-vector products, gradient penalties) works too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xent._validation import (
+    Reduction,
+    check_label_smoothing,
+    check_reduction,
+    compute_dtype,
+)
+
+
+@dataclass(frozen=True)
+class _IndexParams:
+    """Options that travel through the autograd functions unchanged."""
+
+    ignore_index: int
+    reduction: str
+    label_smoothing: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(C)`` → ``(1, C)``; ``(N, C)`` unchanged; ``(N, C, d1, …)`` → ``(N·d1·…, C)``."""
+    if x.dim() == 1:
+        return x.unsqueeze(0)
+    if x.dim() == 2:
+        return x
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def _rows_to_target_shape(loss: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """Per-row losses ``(M)`` back to the target's shape: ``()``, ``(N)`` or ``(N, d1, …)``."""
+    if input.dim() == 1:
+        return loss.reshape(())
+    return loss.reshape((input.shape[0], *input.shape[2:]))
+
+
+def _check_input(input: torch.Tensor) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: expected (C), (N, C) or "
+                         "(N, C, d1, ..., dK), got a 0-d tensor")
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating dtype, got {input.dtype}")
+
+
+def _check_weight(weight: torch.Tensor | None, num_classes: int) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {num_classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "class weights are not differentiable in xent (nor in PyTorch); "
+            "pass weight.detach() instead of a tensor that requires grad"
+        )
+
+
+def _check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    """Shape, dtype and range of a class-index target; raises before any arithmetic."""
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(
+                f"for an input of shape {tuple(input.shape)} the class-index target must be 0-d, "
+                f"got shape {tuple(target.shape)}"
+            )
+    else:
+        if target.dim() == 0 or target.shape[0] != input.shape[0]:
+            n_target = target.shape[0] if target.dim() else "a 0-d target"
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({n_target})."
+            )
+        expected = (input.shape[0], *input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise RuntimeError(
+                f"Expected target size {list(expected)}, got {list(target.shape)} "
+                f"(input shape {list(input.shape)})"
+            )
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.device.type == "cpu":
+        if bool(invalid.any()):
+            bad = target[invalid].flatten()[0].item()
+            raise IndexError(f"Target {bad} is out of bounds.")
+    else:
+        # No host sync on accelerators: the check runs on the device and fails the stream.
+        torch._assert_async(~invalid.any(), "xent: a class-index target is out of bounds")
+
+
+def _check_prob_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got {target.dtype}"
+        )
+    if ignore_index >= 0:
+        raise RuntimeError(
+            f"ignore_index={ignore_index} is not supported for probability targets "
+            "(a floating target with the input's shape)"
+        )
+
+
+def _class_weight(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if weight is None else weight.to(device=like.device, dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared per-row pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _log_probs(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-softmax of ``(M, C)`` logits, in their (fp32 or fp64) dtype.
+
+    The row max is subtracted first so no exponential exceeds 1; a row of all ``-inf`` is shifted
+    by 0 and comes out NaN, as in PyTorch.
+    """
+    m = x.detach().amax(dim=1, keepdim=True)
+    shifted = x - torch.where(m == -torch.inf, torch.zeros_like(m), m)
+    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+
+
+def _target_weights(
+    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(valid, safe_target, w_y)`` for ``(M)`` class indices.
+
+    ``valid`` marks rows that count; ``safe_target`` replaces ignored targets (which may lie
+    outside ``[0, C)``) by 0 so they can be gathered; ``w_y`` is the weight of each row's target,
+    exactly 0 on ignored rows. Indices are int64 so ``M·C > 2³¹`` addresses correctly.
+    """
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    if weight is None:
+        w_y = valid.to(dtype)
+    else:
+        w_y = torch.where(valid, weight[safe], torch.zeros((), dtype=dtype, device=weight.device))
+    return valid, safe, w_y
+
+
+def _row_scale(
+    grad_output: torch.Tensor, valid: torch.Tensor, denominator: torch.Tensor | None
+) -> torch.Tensor:
+    """``∂L/∂l_i`` for each row: ``g`` (sum), ``g / Σ w_y`` (mean) or ``g_i`` (none).
+
+    Ignored rows get exactly 0 (via ``where``, not a product), so an all-ignored batch has a zero
+    gradient even though its mean is 0/0.
+    """
+    scale = grad_output if denominator is None else grad_output / denominator
+    return torch.where(valid, scale.expand(valid.shape), torch.zeros_like(scale))
+
+
+def _softmax_backward(a: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Pull ``a = ∂L/∂log_softmax(x)`` back to the logits: ``a - softmax(x) · Σ_c a_c``."""
+    return a - log_p.exp() * a.sum(dim=1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy with class-index targets
+# --------------------------------------------------------------------------------------------
+
+
+class _CrossEntropyIndex(torch.autograd.Function):
+    """Cross-entropy of ``(M, C)`` logits against ``(M)`` class indices.
+
+    Per row, with ``log p = log_softmax(x)``, target ``y``, smoothing ``ε`` and weights ``w``::
+
+        l = (1 - ε) · (-w_y log p_y)  +  (ε / C) · Σ_c (-w_c log p_c)
+
+    ``mean`` divides ``Σ l`` by ``Σ w_y`` over the rows that are not ignored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, target, weight, params: _IndexParams):  # noqa: ANN001
+        xc = x.to(compute_dtype(x.dtype))
+        w = _class_weight(weight, xc)
+        valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
+        log_p = _log_probs(xc)
+        zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
+        loss = torch.where(valid, -w_y * log_p.gather(1, safe[:, None]).squeeze(1), zero)
+        eps = params.label_smoothing
+        if eps > 0.0:
+            smooth = -(log_p if w is None else log_p * w).sum(dim=1)
+            loss = (1.0 - eps) * loss + (eps / xc.shape[1]) * torch.where(valid, smooth, zero)
+        denominator = None
+        if params.reduction == "mean":
+            denominator = w_y.sum()
+            out = loss.sum() / denominator
+        elif params.reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.save_for_backward(x, target, weight, denominator)
+        ctx.params = params
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: ANN001
+        # With g_i = ∂L/∂l_i (``_row_scale``), the gradient with respect to log p is
+        #     a_c = -g_i · [(1 - ε) w_y [c = y] + (ε / C) w_c],
+        # and log_softmax's Jacobian (∂ log p_c / ∂x_j = [c = j] - p_j) turns it into
+        #     ∂L/∂x_j = a_j - p_j Σ_c a_c
+        #             = g_i · [p_j ((1 - ε) w_y + (ε / C) Σ_c w_c) - (1 - ε) w_y [j = y] - (ε / C) w_j].
+        # Without weights or smoothing this is the familiar g_i · (softmax(x) - onehot(y)).
+        # Everything is recomputed from the saved logits with differentiable operations, so this
+        # backward can itself be differentiated.
+        x, target, weight, denominator = ctx.saved_tensors
+        params: _IndexParams = ctx.params
+        xc = x.to(compute_dtype(x.dtype))
+        w = _class_weight(weight, xc)
+        valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
+        scale = _row_scale(grad_output.to(xc.dtype), valid, denominator)
+        eps = params.label_smoothing
+        a = torch.zeros_like(xc).scatter(1, safe[:, None], (-(1.0 - eps) * scale * w_y)[:, None])
+        if eps > 0.0:
+            per_class = torch.ones_like(xc[:1]) if w is None else w[None, :]
+            a = a - (eps / xc.shape[1]) * scale[:, None] * per_class
+        grad_x = _softmax_backward(a, _log_probs(xc))
+        return grad_x.to(x.dtype), None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy with probability targets
+# --------------------------------------------------------------------------------------------
+
+
+class _CrossEntropyProbs(torch.autograd.Function):
+    """Cross-entropy of ``(M, C)`` logits against ``(M, C)`` target probabilities ``q``.
+
+    Per row, with ``q' = (1 - ε) q + ε / C``::
+
+        l = -Σ_c w_c q'_c log p_c
+
+    ``mean`` divides by ``M``, the number of rows, whatever the weights (PyTorch's convention).
+    """
+
+    @staticmethod
+    def forward(ctx, x, q, weight, params: _IndexParams):  # noqa: ANN001
+        xc = x.to(compute_dtype(x.dtype))
+        qc = _smoothed(q.to(xc.dtype), params.label_smoothing)
+        w = _class_weight(weight, xc)
+        wq = qc if w is None else qc * w
+        loss = -(wq * _log_probs(xc)).sum(dim=1)
+        if params.reduction == "mean":
+            out = loss.mean()
+        elif params.reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.save_for_backward(x, q, weight)
+        ctx.params = params
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: ANN001
+        # a_c = ∂L/∂log p_c = -g_i w_c q'_c, so ∂L/∂x_j = a_j - p_j Σ_c a_c
+        #     = g_i (p_j Σ_c w_c q'_c - w_j q'_j),
+        # and since ∂q'_c/∂q_c = 1 - ε, ∂L/∂q_c = -g_i (1 - ε) w_c log p_c.
+        x, q, weight = ctx.saved_tensors
+        params: _IndexParams = ctx.params
+        xc = x.to(compute_dtype(x.dtype))
+        w = _class_weight(weight, xc)
+        g = grad_output.to(xc.dtype)
+        if params.reduction == "mean":
+            g = g / xc.shape[0]
+        g = g.reshape(-1, 1) if g.dim() else g
+        log_p = _log_probs(xc)
+        grad_x = grad_q = None
+        if ctx.needs_input_grad[0]:
+            qc = _smoothed(q.to(xc.dtype), params.label_smoothing)
+            a = -g * (qc if w is None else qc * w)
+            grad_x = _softmax_backward(a, log_p).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            wl = log_p if w is None else log_p * w
+            grad_q = (-(1.0 - params.label_smoothing) * g * wl).to(q.dtype)
+        return grad_x, grad_q, None, None
+
+
+def _smoothed(q: torch.Tensor, eps: float) -> torch.Tensor:
+    return q if eps == 0.0 else (1.0 - eps) * q + eps / q.shape[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Negative log-likelihood
+# --------------------------------------------------------------------------------------------
+
+
+class _NLL(torch.autograd.Function):
+    """``l = -w_y · x_y`` for ``(M, C)`` log-probabilities ``x`` and ``(M)`` targets."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, params: _IndexParams):  # noqa: ANN001
+        xc = x.to(compute_dtype(x.dtype))
+        w = _class_weight(weight, xc)
+        valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
+        zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
+        loss = torch.where(valid, -w_y * xc.gather(1, safe[:, None]).squeeze(1), zero)
+        denominator = None
+        if params.reduction == "mean":
+            denominator = w_y.sum()
+            out = loss.sum() / denominator
+        elif params.reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.save_for_backward(target, weight, denominator)
+        ctx.shape_dtype = (x.shape, x.dtype, xc.dtype)
+        ctx.params = params
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: ANN001
+        # ∂l/∂x_j = -w_y [j = y]: one entry per row, scaled by ∂L/∂l_i. The loss is linear in x,
+        # so this gradient does not depend on x and the second derivative is zero.
+        target, weight, denominator = ctx.saved_tensors
+        shape, dtype, cdtype = ctx.shape_dtype
+        params: _IndexParams = ctx.params
+        w = None if weight is None else weight.to(device=target.device, dtype=cdtype)
+        valid, safe, w_y = _target_weights(target, w, params.ignore_index, cdtype)
+        scale = _row_scale(grad_output.to(cdtype), valid, denominator)
+        grad = torch.zeros(shape, dtype=cdtype, device=target.device)
+        grad = grad.scatter(1, safe[:, None], (-scale * w_y)[:, None])
+        return grad.to(dtype), None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy between logits and class indices or class probabilities.
+
+    With ``log p = log_softmax(x)`` over the class axis and class weights ``w`` (all 1 if
+    ``weight`` is None), each element's loss is, for a class-index target ``y``,
+
+    .. math::
+
+        l = (1 - ε)\\,(-w_y \\log p_y) + \\frac{ε}{C} \\sum_c (-w_c \\log p_c),
+
+    and for a probability target ``q`` (smoothed to ``q' = (1 - ε) q + ε / C``),
+
+    .. math::
+
+        l = -\\sum_c w_c\\, q'_c \\log p_c .
+
+    ``"mean"`` divides ``Σ l`` by ``Σ w_y`` over the elements whose target is not
+    ``ignore_index`` (class indices) or by the number of elements (probabilities).
+
+    Args:
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; floating dtype.
+        target: class indices ``()``, ``(N)`` or ``(N, d1, …, dK)`` with values in ``[0, C)``
+            or equal to ``ignore_index``; or probabilities with ``input``'s shape and a floating
+            dtype (no check that they sum to 1; differentiable).
+        weight: optional ``(C)`` class weights, may be negative; not differentiable.
+        ignore_index: class-index targets equal to it contribute nothing and are left out of the
+            ``"mean"`` denominator (their logits still enter every softmax). Any integer, also
+            outside ``[0, C)``. Probability targets accept only negative values (unused).
+        reduction: ``"none"`` (shape of a class-index target), ``"mean"`` or ``"sum"`` (scalars).
+        label_smoothing: ``ε`` in ``[0, 1]``.
+
+    Returns:
+        The loss in ``input``'s dtype. All targets ignored: ``"mean"`` is NaN (with a zero
+        gradient), ``"sum"`` is 0. An empty batch: ``"mean"`` is NaN, ``"sum"`` is 0.
+
+    Equals ``torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)``, except (deliberate deviations):
+
+    * ``label_smoothing`` outside ``[0, 1]`` or NaN raises ``ValueError`` (PyTorch silently
+      ignores negative and NaN values);
+    * fp16/bf16 inputs are computed and reduced in fp32 and rounded once, so a ``"mean"`` over
+      many rows stays finite (PyTorch's CPU kernel overflows to inf/NaN past ~60 000 fp16 rows);
+    * class-index targets may have any integer dtype (PyTorch takes only int64 and uint8).
+
+    Raises:
+        IndexError: a target outside ``[0, C)`` that is not ``ignore_index``, e.g.
+            ``Target 5 is out of bounds.``
+        ValueError: an unknown ``reduction``, bad ``label_smoothing``, batch-size mismatch.
+        RuntimeError: target size or weight length that does not fit ``input``; a wrong target
+            dtype.
+
+    Example:
+        >>> import torch, xent
+        >>> logits = torch.tensor([[0.4, 0.4, 0.2]]).log()  # the mastiff example
+        >>> xent.cross_entropy(logits, torch.tensor([1]))
+        tensor(0.9163)
+        >>> xent.cross_entropy(logits, torch.tensor([1]), label_smoothing=0.1)
+        tensor(0.9784)
+    """
+    check_reduction(reduction)
+    eps = check_label_smoothing(label_smoothing)
+    _check_input(input)
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _check_weight(weight, num_classes)
+    params = _IndexParams(int(ignore_index), reduction, eps)
+    if target.shape == input.shape:
+        _check_prob_target(input, target, ignore_index)
+        loss = _CrossEntropyProbs.apply(_as_rows(input), _as_rows(target), weight, params)
+    else:
+        _check_index_target(input, target, ignore_index)
+        loss = _CrossEntropyIndex.apply(_as_rows(input), target.reshape(-1), weight, params)
+    return _rows_to_target_shape(loss, input) if reduction == "none" else loss
+
+
+def nll_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Negative log-likelihood of class indices under given log-probabilities.
+
+    .. math::
+
+        l = -w_y\\, x_y, \\qquad
+        L_{\\text{mean}} = \\frac{\\sum_i l_i}{\\sum_{i:\\, y_i \\ne \\text{ignore}} w_{y_i}}
+
+    ``cross_entropy(x, y)`` equals ``nll_loss(log_softmax(x, 1), y)``.
+
+    Args:
+        input: log-probabilities ``(C)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; floating dtype.
+            Nothing checks that they are normalised: the loss is simply linear in ``input``.
+        target: class indices ``()``, ``(N)`` or ``(N, d1, …, dK)`` in ``[0, C)`` or
+            ``ignore_index``.
+        weight: optional ``(C)`` class weights.
+        ignore_index: targets equal to it contribute nothing and leave the mean's denominator.
+        reduction: ``"none"`` (target's shape), ``"mean"`` or ``"sum"``.
+
+    Returns:
+        The loss in ``input``'s dtype (fp16/bf16 are reduced in fp32: a deviation, as in
+        :func:`cross_entropy`).
+
+    Equals ``torch.nn.functional.nll_loss(input, target, weight, ignore_index=ignore_index,
+    reduction=reduction)``.
+
+    Raises:
+        IndexError: a target outside ``[0, C)`` that is not ``ignore_index``.
+        ValueError: an unknown ``reduction`` or a batch-size mismatch.
+
+    Example:
+        >>> import torch, xent
+        >>> log_p = torch.tensor([[0.1, 0.12, 0.78]]).log()  # the horse example
+        >>> xent.nll_loss(log_p, torch.tensor([2]))
+        tensor(0.2485)
+    """
+    check_reduction(reduction)
+    _check_input(input)
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _check_weight(weight, num_classes)
+    _check_index_target(input, target, ignore_index)
+    params = _IndexParams(int(ignore_index), reduction)
+    loss = _NLL.apply(_as_rows(input), target.reshape(-1), weight, params)
+    return _rows_to_target_shape(loss, input) if reduction == "none" else loss
