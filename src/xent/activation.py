@@ -29,7 +29,9 @@ def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(m == -torch.inf, torch.zeros_like(m), m)
 
 
-def logsumexp(input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+def logsumexp(
+    input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
+) -> torch.Tensor:
     """Log of the sum of exponentials along ``dim``, computed without overflow.
 
     .. math::
@@ -50,7 +52,7 @@ def logsumexp(input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = F
     Example:
         >>> import torch, xent
         >>> xent.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
-        tensor(1000.6931)
+        tensor(1000.6932)
     """
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     if not input.is_floating_point():
@@ -65,9 +67,7 @@ def logsumexp(input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = F
     return out.to(input.dtype)
 
 
-def log_softmax(
-    input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None
-) -> torch.Tensor:
+def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logarithm of the softmax along ``dim``: ``x - logsumexp(x)``.
 
     .. math::

@@ -57,8 +57,10 @@ def _check_input(input: torch.Tensor) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() == 0:
-        raise ValueError("input must have a class dimension: expected (C), (N, C) or "
-                         "(N, C, d1, ..., dK), got a 0-d tensor")
+        raise ValueError(
+            "input must have a class dimension: expected (C), (N, C) or "
+            "(N, C, d1, ..., dK), got a 0-d tensor"
+        )
     if not input.is_floating_point():
         raise TypeError(f"input must have a floating dtype, got {input.dtype}")
 
@@ -195,7 +197,7 @@ class _CrossEntropyIndex(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, target, weight, params: _IndexParams):  # noqa: ANN001
+    def forward(ctx, x, target, weight, params: _IndexParams):
         xc = x.to(compute_dtype(x.dtype))
         w = _class_weight(weight, xc)
         valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
@@ -219,12 +221,12 @@ class _CrossEntropyIndex(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
+    def backward(ctx, grad_output):
         # With g_i = ∂L/∂l_i (``_row_scale``), the gradient with respect to log p is
         #     a_c = -g_i · [(1 - ε) w_y [c = y] + (ε / C) w_c],
         # and log_softmax's Jacobian (∂ log p_c / ∂x_j = [c = j] - p_j) turns it into
         #     ∂L/∂x_j = a_j - p_j Σ_c a_c
-        #             = g_i · [p_j ((1 - ε) w_y + (ε / C) Σ_c w_c) - (1 - ε) w_y [j = y] - (ε / C) w_j].
+        #             = g_i · [p_j ((1 - ε) w_y + (ε/C) Σ_c w_c) - (1 - ε) w_y [j = y] - (ε/C) w_j].
         # Without weights or smoothing this is the familiar g_i · (softmax(x) - onehot(y)).
         # Everything is recomputed from the saved logits with differentiable operations, so this
         # backward can itself be differentiated.
@@ -259,7 +261,7 @@ class _CrossEntropyProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, q, weight, params: _IndexParams):  # noqa: ANN001
+    def forward(ctx, x, q, weight, params: _IndexParams):
         xc = x.to(compute_dtype(x.dtype))
         qc = _smoothed(q.to(xc.dtype), params.label_smoothing)
         w = _class_weight(weight, xc)
@@ -276,7 +278,7 @@ class _CrossEntropyProbs(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
+    def backward(ctx, grad_output):
         # a_c = ∂L/∂log p_c = -g_i w_c q'_c, so ∂L/∂x_j = a_j - p_j Σ_c a_c
         #     = g_i (p_j Σ_c w_c q'_c - w_j q'_j),
         # and since ∂q'_c/∂q_c = 1 - ε, ∂L/∂q_c = -g_i (1 - ε) w_c log p_c.
@@ -313,7 +315,7 @@ class _NLL(torch.autograd.Function):
     """``l = -w_y · x_y`` for ``(M, C)`` log-probabilities ``x`` and ``(M)`` targets."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, params: _IndexParams):  # noqa: ANN001
+    def forward(ctx, x, target, weight, params: _IndexParams):
         xc = x.to(compute_dtype(x.dtype))
         w = _class_weight(weight, xc)
         valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
@@ -333,7 +335,7 @@ class _NLL(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
+    def backward(ctx, grad_output):
         # ∂l/∂x_j = -w_y [j = y]: one entry per row, scaled by ∂L/∂l_i. The loss is linear in x,
         # so this gradient does not depend on x and the second derivative is zero.
         target, weight, denominator = ctx.saved_tensors
@@ -416,7 +418,7 @@ def cross_entropy(
         >>> xent.cross_entropy(logits, torch.tensor([1]))
         tensor(0.9163)
         >>> xent.cross_entropy(logits, torch.tensor([1]), label_smoothing=0.1)
-        tensor(0.9784)
+        tensor(0.9394)
     """
     check_reduction(reduction)
     eps = check_label_smoothing(label_smoothing)
