@@ -11,26 +11,17 @@ softmax from the saved logits with ordinary differentiable operations, so double
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 
+from xent._onepass import CEParams, cross_entropy_pass, empty_buffer
 from xent._validation import (
     Reduction,
     check_label_smoothing,
     check_reduction,
     compute_dtype,
 )
-
-
-@dataclass(frozen=True)
-class _IndexParams:
-    """Options that travel through the autograd functions unchanged."""
-
-    ignore_index: int
-    reduction: str
-    label_smoothing: float = 0.0
-
 
 # --------------------------------------------------------------------------------------------
 # Shapes and validation
@@ -126,6 +117,30 @@ def _check_prob_target(input: torch.Tensor, target: torch.Tensor, ignore_index: 
         )
 
 
+def _check_z_loss(z_loss: float) -> float:
+    value = float(z_loss)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return value
+
+
+def _check_softcap(softcap: float | None) -> float | None:
+    if softcap is None:
+        return None
+    value = float(softcap)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return value
+
+
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(
+            f"chunk_size must be None or a positive number of rows, got {chunk_size!r}"
+        )
+    return None if chunk_size is None else int(chunk_size)
+
+
 def _class_weight(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if weight is None else weight.to(device=like.device, dtype=like.dtype)
 
@@ -176,134 +191,178 @@ def _row_scale(
     return torch.where(valid, scale.expand(valid.shape), torch.zeros_like(scale))
 
 
-def _softmax_backward(a: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Pull ``a = ∂L/∂log_softmax(x)`` back to the logits: ``a - softmax(x) · Σ_c a_c``."""
-    return a - log_p.exp() * a.sum(dim=1, keepdim=True)
-
-
 # --------------------------------------------------------------------------------------------
-# Cross-entropy with class-index targets
+# Cross-entropy: one autograd function for index and probability targets
 # --------------------------------------------------------------------------------------------
 
 
-class _CrossEntropyIndex(torch.autograd.Function):
-    """Cross-entropy of ``(M, C)`` logits against ``(M)`` class indices.
+def _row_coefficients(
+    target: torch.Tensor, weight: torch.Tensor | None, params: CEParams, dtype: torch.dtype
+) -> torch.Tensor:
+    """``c_i = ∂L/∂l_i`` for ``L`` the reduced loss and an upstream gradient of 1.
 
-    Per row, with ``log p = log_softmax(x)``, target ``y``, smoothing ``ε`` and weights ``w``::
+    Class indices: ``1 / Σ w_y`` (mean) or 1 (sum, none) on counted rows, exactly 0 on ignored
+    ones, so an all-ignored batch gets a zero gradient although its mean is 0/0. Probabilities:
+    ``1 / M`` (mean) or 1.
+    """
+    if target.dim() == 2:
+        scale = 1.0 / target.shape[0] if params.reduction == "mean" and target.shape[0] else 1.0
+        return torch.full((target.shape[0],), scale, dtype=dtype, device=target.device)
+    w = _class_weight(weight, torch.empty((), dtype=dtype, device=target.device))
+    valid, _, w_y = _target_weights(target, w, params.ignore_index, dtype)
+    if params.reduction != "mean":
+        return valid.to(dtype)
+    return torch.where(valid, 1.0 / w_y.sum(), torch.zeros((), dtype=dtype, device=valid.device))
 
-        l = (1 - ε) · (-w_y log p_y)  +  (ε / C) · Σ_c (-w_c log p_c)
 
-    ``mean`` divides ``Σ l`` by ``Σ w_y`` over the rows that are not ignored.
+def _closed_form_grad(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    coef: torch.Tensor,
+    params: CEParams,
+    need_target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradient of ``Σ_i c_i l_i`` in differentiable operations, for double backward.
+
+    With ``a_c = ∂/∂ log p_c`` of the row loss (index targets:
+    ``a = -c[(1 - ε) w_y onehot(y) + (ε/C) w]``; probabilities: ``a = -c w q'``), log-softmax's
+    Jacobian ``∂ log p_c / ∂z_j = [c = j] - p_j`` gives ``∂/∂z_j = a_j - p_j Σ_c a_c``; the
+    z-loss adds ``2ζ c lse p_j`` and a soft cap multiplies by ``1 - tanh²(x/s)``. The same
+    formulas as the one-pass kernel, written so that autograd can differentiate them again.
+    """
+    xc = x.to(compute_dtype(x.dtype))
+    if params.softcap is not None:
+        t = torch.tanh(xc / params.softcap)
+        z = params.softcap * t
+    else:
+        z = xc
+    log_p = _log_probs(z)
+    c = coef[:, None]
+    w = _class_weight(weight, xc)
+    eps = params.label_smoothing
+    grad_q = None
+    if target.dim() == 2:
+        q = target.to(xc.dtype)
+        q = q if eps == 0.0 else (1.0 - eps) * q + eps / q.shape[1]
+        a = -c * (q if w is None else q * w)
+        if need_target_grad:
+            grad_q = -(1.0 - eps) * c * (log_p if w is None else log_p * w)
+    else:
+        _, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
+        a = torch.zeros_like(z).scatter(1, safe[:, None], -(1.0 - eps) * c * w_y[:, None])
+        if eps > 0.0:
+            a = a - (eps / z.shape[1]) * c * (torch.ones_like(z[:1]) if w is None else w[None, :])
+    p = log_p.exp()
+    grad = a - p * a.sum(dim=1, keepdim=True)
+    if params.z_loss != 0.0:
+        lse = (z - log_p)[:, :1]  # any column: z_c - log p_c = lse
+        grad = grad + 2.0 * params.z_loss * c * lse * p
+    if params.softcap is not None:
+        grad = grad * (1.0 - t * t)
+    return grad.to(x.dtype), None if grad_q is None else grad_q.to(target.dtype)
+
+
+def _empty_grads(
+    x: torch.Tensor | None, target: torch.Tensor, need_x: bool, need_q: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if x is None:
+        raise RuntimeError(
+            "inplace_backward=True overwrote the logits with their gradient, which the first "
+            "backward consumed; recompute the loss to backward through it again"
+        )
+    return (
+        empty_buffer(tuple(x.shape), x) if need_x else None,
+        empty_buffer(tuple(target.shape), target) if need_q else None,
+    )
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``(M, C)`` logits against ``(M)`` indices or ``(M, C)`` probabilities.
+
+    For ``"mean"``/``"sum"`` the forward pass already forms the gradient (the loss is a scalar,
+    so ``∂L/∂x`` is known up to the upstream factor) and backward only scales it. For ``"none"``
+    the forward keeps just the per-row log-sum-exp and backward recomputes ``softmax`` from it.
     """
 
     @staticmethod
-    def forward(ctx, x, target, weight, params: _IndexParams):
-        xc = x.to(compute_dtype(x.dtype))
-        w = _class_weight(weight, xc)
-        valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
-        log_p = _log_probs(xc)
-        zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
-        loss = torch.where(valid, -w_y * log_p.gather(1, safe[:, None]).squeeze(1), zero)
-        eps = params.label_smoothing
-        if eps > 0.0:
-            smooth = -(log_p if w is None else log_p * w).sum(dim=1)
-            loss = (1.0 - eps) * loss + (eps / xc.shape[1]) * torch.where(valid, smooth, zero)
-        denominator = None
+    def forward(ctx, x, target, weight, params: CEParams, inplace: bool):
+        cdtype = compute_dtype(x.dtype)
+        coef = _row_coefficients(target, weight, params, cdtype)
+        scalar = params.reduction != "none"
+        grad = grad_q = None
+        if scalar and ctx.needs_input_grad[0]:
+            grad = x if inplace else empty_buffer(tuple(x.shape), x)
+        if scalar and ctx.needs_input_grad[1]:
+            grad_q = empty_buffer(tuple(target.shape), target)
+        loss, lse = cross_entropy_pass(
+            x, target, weight, coef, params, grad_out=grad, grad_target_out=grad_q
+        )
         if params.reduction == "mean":
-            denominator = w_y.sum()
-            out = loss.sum() / denominator
+            # Σ l_i / Σ w_y (indices) or / M (probabilities): exactly Σ_i c_i l_i.
+            if target.dim() == 2:
+                out = loss.mean()
+            else:
+                out = (
+                    loss.sum()
+                    / _target_weights(
+                        target, _class_weight(weight, loss), params.ignore_index, cdtype
+                    )[2].sum()
+                )
         elif params.reduction == "sum":
             out = loss.sum()
         else:
             out = loss
-        ctx.save_for_backward(x, target, weight, denominator)
-        ctx.params = params
+        ctx.params, ctx.inplace = params, bool(inplace and grad is not None)
+        ctx.grads = (grad, grad_q)
+        ctx.save_for_backward(None if ctx.inplace else x, target, weight, coef, lse)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        # With g_i = ∂L/∂l_i (``_row_scale``), the gradient with respect to log p is
-        #     a_c = -g_i · [(1 - ε) w_y [c = y] + (ε / C) w_c],
-        # and log_softmax's Jacobian (∂ log p_c / ∂x_j = [c = j] - p_j) turns it into
-        #     ∂L/∂x_j = a_j - p_j Σ_c a_c
-        #             = g_i · [p_j ((1 - ε) w_y + (ε/C) Σ_c w_c) - (1 - ε) w_y [j = y] - (ε/C) w_j].
-        # Without weights or smoothing this is the familiar g_i · (softmax(x) - onehot(y)).
-        # Everything is recomputed from the saved logits with differentiable operations, so this
-        # backward can itself be differentiated.
-        x, target, weight, denominator = ctx.saved_tensors
-        params: _IndexParams = ctx.params
-        xc = x.to(compute_dtype(x.dtype))
-        w = _class_weight(weight, xc)
-        valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
-        scale = _row_scale(grad_output.to(xc.dtype), valid, denominator)
-        eps = params.label_smoothing
-        a = torch.zeros_like(xc).scatter(1, safe[:, None], (-(1.0 - eps) * scale * w_y)[:, None])
-        if eps > 0.0:
-            per_class = torch.ones_like(xc[:1]) if w is None else w[None, :]
-            a = a - (eps / xc.shape[1]) * scale[:, None] * per_class
-        grad_x = _softmax_backward(a, _log_probs(xc))
-        return grad_x.to(x.dtype), None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# Cross-entropy with probability targets
-# --------------------------------------------------------------------------------------------
-
-
-class _CrossEntropyProbs(torch.autograd.Function):
-    """Cross-entropy of ``(M, C)`` logits against ``(M, C)`` target probabilities ``q``.
-
-    Per row, with ``q' = (1 - ε) q + ε / C``::
-
-        l = -Σ_c w_c q'_c log p_c
-
-    ``mean`` divides by ``M``, the number of rows, whatever the weights (PyTorch's convention).
-    """
-
-    @staticmethod
-    def forward(ctx, x, q, weight, params: _IndexParams):
-        xc = x.to(compute_dtype(x.dtype))
-        qc = _smoothed(q.to(xc.dtype), params.label_smoothing)
-        w = _class_weight(weight, xc)
-        wq = qc if w is None else qc * w
-        loss = -(wq * _log_probs(xc)).sum(dim=1)
-        if params.reduction == "mean":
-            out = loss.mean()
-        elif params.reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
-        ctx.save_for_backward(x, q, weight)
-        ctx.params = params
-        return out.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        # a_c = ∂L/∂log p_c = -g_i w_c q'_c, so ∂L/∂x_j = a_j - p_j Σ_c a_c
-        #     = g_i (p_j Σ_c w_c q'_c - w_j q'_j),
-        # and since ∂q'_c/∂q_c = 1 - ε, ∂L/∂q_c = -g_i (1 - ε) w_c log p_c.
-        x, q, weight = ctx.saved_tensors
-        params: _IndexParams = ctx.params
-        xc = x.to(compute_dtype(x.dtype))
-        w = _class_weight(weight, xc)
-        g = grad_output.to(xc.dtype)
-        if params.reduction == "mean":
-            g = g / xc.shape[0]
-        g = g.reshape(-1, 1) if g.dim() else g
-        log_p = _log_probs(xc)
-        grad_x = grad_q = None
-        if ctx.needs_input_grad[0]:
-            qc = _smoothed(q.to(xc.dtype), params.label_smoothing)
-            a = -g * (qc if w is None else qc * w)
-            grad_x = _softmax_backward(a, log_p).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            wl = log_p if w is None else log_p * w
-            grad_q = (-(1.0 - params.label_smoothing) * g * wl).to(q.dtype)
-        return grad_x, grad_q, None, None
-
-
-def _smoothed(q: torch.Tensor, eps: float) -> torch.Tensor:
-    return q if eps == 0.0 else (1.0 - eps) * q + eps / q.shape[-1]
+        x, target, weight, coef, lse = ctx.saved_tensors
+        params: CEParams = ctx.params
+        need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad_output.to(coef.dtype)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient is needed
+            if x is None:
+                raise RuntimeError(
+                    "inplace_backward=True overwrote the logits; double "
+                    "backward needs them: call cross_entropy without it"
+                )
+            c = coef * g if params.reduction != "none" else coef * g.reshape(-1)
+            grad_x, grad_q = _closed_form_grad(x, target, weight, c, params, need_q)
+            return (grad_x if need_x else None), grad_q, None, None, None
+        if params.reduction == "none":
+            # Only the log-sum-exp was kept: one more pass forms c_i g_i ∂l_i/∂x from it.
+            grads = _empty_grads(x, target, need_x, need_q)
+            cross_entropy_pass(
+                x,
+                target,
+                weight,
+                coef * g.reshape(-1),
+                params,
+                lse_in=lse,
+                grad_out=grads[0],
+                grad_target_out=grads[1],
+            )
+            return grads[0], grads[1], None, None, None
+        # The forward pass already formed c_i ∂l_i/∂x; hand the buffers over (no copy; they are
+        # freed with the result) and apply the upstream factor.
+        grad_x, grad_q = ctx.grads
+        ctx.grads = (None, None)
+        if (need_x and grad_x is None) or (need_q and grad_q is None):
+            # A second backward through a retained graph: form the same buffers again, by the
+            # same arithmetic, so repeated backwards agree bit for bit.
+            grad_x, grad_q = _empty_grads(x, target, need_x, need_q)
+            cross_entropy_pass(
+                x, target, weight, coef, params, grad_out=grad_x, grad_target_out=grad_q
+            )
+        # On CPU reading g is free, and skipping the multiply by 1 saves a pass over M × C.
+        if not (g.device.type == "cpu" and bool(g == 1)):
+            grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
+            grad_q = None if grad_q is None else grad_q.mul_(g.to(grad_q.dtype))
+        return grad_x, grad_q, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +374,7 @@ class _NLL(torch.autograd.Function):
     """``l = -w_y · x_y`` for ``(M, C)`` log-probabilities ``x`` and ``(M)`` targets."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, params: _IndexParams):
+    def forward(ctx, x, target, weight, params: CEParams):
         xc = x.to(compute_dtype(x.dtype))
         w = _class_weight(weight, xc)
         valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
@@ -340,7 +399,7 @@ class _NLL(torch.autograd.Function):
         # so this gradient does not depend on x and the second derivative is zero.
         target, weight, denominator = ctx.saved_tensors
         shape, dtype, cdtype = ctx.shape_dtype
-        params: _IndexParams = ctx.params
+        params: CEParams = ctx.params
         w = None if weight is None else weight.to(device=target.device, dtype=cdtype)
         valid, safe, w_y = _target_weights(target, w, params.ignore_index, cdtype)
         scale = _row_scale(grad_output.to(cdtype), valid, denominator)
@@ -361,6 +420,11 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy between logits and class indices or class probabilities.
 
@@ -425,13 +489,22 @@ def cross_entropy(
     _check_input(input)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes)
-    params = _IndexParams(int(ignore_index), reduction, eps)
+    params = CEParams(
+        int(ignore_index),
+        reduction,
+        eps,
+        _check_z_loss(z_loss),
+        _check_softcap(softcap),
+        _check_chunk_size(chunk_size),
+    )
     if target.shape == input.shape:
         _check_prob_target(input, target, ignore_index)
-        loss = _CrossEntropyProbs.apply(_as_rows(input), _as_rows(target), weight, params)
+        rows_target = _as_rows(target)
     else:
         _check_index_target(input, target, ignore_index)
-        loss = _CrossEntropyIndex.apply(_as_rows(input), target.reshape(-1), weight, params)
+        rows_target = target.reshape(-1)
+    inplace = bool(inplace_backward) and input.dim() == 2
+    loss = _CrossEntropy.apply(_as_rows(input), rows_target, weight, params, inplace)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss
 
 
@@ -482,6 +555,6 @@ def nll_loss(
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes)
     _check_index_target(input, target, ignore_index)
-    params = _IndexParams(int(ignore_index), reduction)
+    params = CEParams(int(ignore_index), reduction)
     loss = _NLL.apply(_as_rows(input), target.reshape(-1), weight, params)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss
