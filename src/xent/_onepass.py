@@ -47,6 +47,22 @@ class CEParams:
     softcap: float | None = None
     chunk_rows: int | None = None
 
+    def options(self) -> list[float]:
+        """The numeric options as a flat list, the form ``torch.library`` operators accept."""
+        return [
+            float(self.ignore_index),
+            self.label_smoothing,
+            self.z_loss,
+            0.0 if self.softcap is None else self.softcap,
+            0.0 if self.chunk_rows is None else float(self.chunk_rows),
+        ]
+
+    @classmethod
+    def from_options(cls, reduction: str, options: list[float]) -> CEParams:
+        """Inverse of :meth:`options`."""
+        ignore_index, eps, zeta, cap, rows = options
+        return cls(int(ignore_index), reduction, eps, zeta, cap or None, int(rows) or None)
+
     def rows_per_chunk(self, num_classes: int) -> int:
         if self.chunk_rows is not None:
             return max(1, int(self.chunk_rows))

@@ -94,7 +94,10 @@ def _check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index:
                 f"Expected target size {list(expected)}, got {list(target.shape)} "
                 f"(input shape {list(input.shape)})"
             )
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+
+
+def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """``IndexError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``."""
     invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if target.device.type == "cpu":
         if bool(invalid.any()):
@@ -198,21 +201,25 @@ def _row_scale(
 
 def _row_coefficients(
     target: torch.Tensor, weight: torch.Tensor | None, params: CEParams, dtype: torch.dtype
-) -> torch.Tensor:
-    """``c_i = ∂L/∂l_i`` for ``L`` the reduced loss and an upstream gradient of 1.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(c, D)``: ``c_i = ∂L/∂l_i`` for an upstream gradient of 1, and the mean's denominator.
 
-    Class indices: ``1 / Σ w_y`` (mean) or 1 (sum, none) on counted rows, exactly 0 on ignored
-    ones, so an all-ignored batch gets a zero gradient although its mean is 0/0. Probabilities:
-    ``1 / M`` (mean) or 1.
+    Class indices: ``D = Σ w_y`` over counted rows and ``c_i = 1 / D`` (mean) or 1 (sum, none)
+    on counted rows, exactly 0 on ignored ones, so an all-ignored batch gets a zero gradient
+    although its mean is 0/0. Probabilities: ``D = M`` and ``c_i = 1 / M`` (mean) or 1.
     """
+    rows = target.shape[0]
+    mean = params.reduction == "mean"
     if target.dim() == 2:
-        scale = 1.0 / target.shape[0] if params.reduction == "mean" and target.shape[0] else 1.0
-        return torch.full((target.shape[0],), scale, dtype=dtype, device=target.device)
+        denom = torch.tensor(float(rows), dtype=dtype, device=target.device)
+        scale = 1.0 / rows if mean and rows else 1.0
+        return torch.full((rows,), scale, dtype=dtype, device=target.device), denom
     w = _class_weight(weight, torch.empty((), dtype=dtype, device=target.device))
     valid, _, w_y = _target_weights(target, w, params.ignore_index, dtype)
-    if params.reduction != "mean":
-        return valid.to(dtype)
-    return torch.where(valid, 1.0 / w_y.sum(), torch.zeros((), dtype=dtype, device=valid.device))
+    if not mean:
+        return valid.to(dtype), None
+    denom = w_y.sum()
+    return torch.where(valid, 1.0 / denom, torch.zeros((), dtype=dtype, device=valid.device)), denom
 
 
 def _closed_form_grad(
@@ -277,6 +284,38 @@ def _empty_grads(
     )
 
 
+def _forward_impl(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    params: CEParams,
+    need_x: bool,
+    need_q: bool,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(loss, lse, c, ∂L/∂x, ∂L/∂q)``; the gradients only for scalar losses (else None)."""
+    if target.dim() == 1:
+        _check_target_range(target, x.shape[1], params.ignore_index)
+    cdtype = compute_dtype(x.dtype)
+    coef, denom = _row_coefficients(target, weight, params, cdtype)
+    scalar = params.reduction != "none"
+    grad_x = grad_q = None
+    if scalar and need_x:
+        grad_x = x if inplace else empty_buffer(tuple(x.shape), x)
+    if scalar and need_q:
+        grad_q = empty_buffer(tuple(target.shape), target)
+    loss, lse = cross_entropy_pass(
+        x, target, weight, coef, params, grad_out=grad_x, grad_target_out=grad_q
+    )
+    if params.reduction == "mean":
+        out = loss.sum() / denom  # Σ l_i / Σ w_y (indices) or / M (probabilities)
+    elif params.reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss
+    return out.to(x.dtype), lse, coef, grad_x, grad_q
+
+
 class _CrossEntropy(torch.autograd.Function):
     """Cross-entropy of ``(M, C)`` logits against ``(M)`` indices or ``(M, C)`` probabilities.
 
@@ -287,36 +326,14 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, params: CEParams, inplace: bool):
-        cdtype = compute_dtype(x.dtype)
-        coef = _row_coefficients(target, weight, params, cdtype)
-        scalar = params.reduction != "none"
-        grad = grad_q = None
-        if scalar and ctx.needs_input_grad[0]:
-            grad = x if inplace else empty_buffer(tuple(x.shape), x)
-        if scalar and ctx.needs_input_grad[1]:
-            grad_q = empty_buffer(tuple(target.shape), target)
-        loss, lse = cross_entropy_pass(
-            x, target, weight, coef, params, grad_out=grad, grad_target_out=grad_q
+        need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        out, lse, coef, grad_x, grad_q = _forward_impl(
+            x, target, weight, params, need_x, need_q, inplace
         )
-        if params.reduction == "mean":
-            # Σ l_i / Σ w_y (indices) or / M (probabilities): exactly Σ_i c_i l_i.
-            if target.dim() == 2:
-                out = loss.mean()
-            else:
-                out = (
-                    loss.sum()
-                    / _target_weights(
-                        target, _class_weight(weight, loss), params.ignore_index, cdtype
-                    )[2].sum()
-                )
-        elif params.reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
-        ctx.params, ctx.inplace = params, bool(inplace and grad is not None)
-        ctx.grads = (grad, grad_q)
+        ctx.params, ctx.inplace = params, bool(inplace and grad_x is not None)
+        ctx.grads = (grad_x, grad_q)
         ctx.save_for_backward(None if ctx.inplace else x, target, weight, coef, lse)
-        return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -363,6 +380,124 @@ class _CrossEntropy(torch.autograd.Function):
             grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
             grad_q = None if grad_q is None else grad_q.mul_(g.to(grad_q.dtype))
         return grad_x, grad_q, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the same computation as opaque operators with a fake (shape-only) version
+# --------------------------------------------------------------------------------------------
+# Dynamo cannot trace the chunk loop into a graph without unrolling it, and should not: the
+# one-pass kernel is already fused. Registered as custom operators, the forward and the
+# recomputing backward appear in the compiled graph as single nodes, so
+# `torch.compile(fullgraph=True)` of a model that calls `xent.cross_entropy` traces without
+# graph breaks. Options travel as a reduction string and a flat list of numbers.
+
+_FWD_SCHEMA = (
+    "(Tensor x, Tensor target, Tensor? weight, str reduction, float[] options, bool[] need)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor x, Tensor target, Tensor? weight, Tensor lse, Tensor coef, str reduction,"
+    " float[] options, bool[] need) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("xent::cross_entropy_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _cross_entropy_fwd_op(x, target, weight, reduction, options, need):
+    params = CEParams.from_options(reduction, options)
+    out, lse, coef, grad_x, grad_q = _forward_impl(x, target, weight, params, need[0], need[1])
+    return (
+        out,
+        lse,
+        coef,
+        x.new_empty(0) if grad_x is None else grad_x,  # operators cannot return None
+        x.new_empty(0) if grad_q is None else grad_q,
+    )
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(x, target, weight, reduction, options, need):
+    rows, cdtype = x.shape[0], compute_dtype(x.dtype)
+    scalar = reduction != "none"
+    return (
+        x.new_empty(() if scalar else (rows,)),
+        x.new_empty((rows,), dtype=cdtype),
+        x.new_empty((rows,), dtype=cdtype),
+        x.new_empty(x.shape if scalar and need[0] else (0,)),
+        target.new_empty(target.shape if scalar and need[1] else (0,)),
+    )
+
+
+@torch.library.custom_op("xent::cross_entropy_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _cross_entropy_bwd_op(x, target, weight, lse, coef, reduction, options, need):
+    params = CEParams.from_options(reduction, options)
+    grad_x = torch.empty_like(x) if need[0] else x.new_empty(0)
+    grad_q = torch.empty_like(target) if need[1] else x.new_empty(0)
+    cross_entropy_pass(
+        x,
+        target,
+        weight,
+        coef,
+        params,
+        lse_in=lse,
+        grad_out=grad_x if need[0] else None,
+        grad_target_out=grad_q if need[1] else None,
+    )
+    return grad_x, grad_q
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(x, target, weight, lse, coef, reduction, options, need):
+    return (
+        torch.empty_like(x) if need[0] else x.new_empty(0),
+        torch.empty_like(target) if need[1] else x.new_empty(0),
+    )
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, target, weight, reduction, options, need = inputs
+    _, lse, coef, grad_x, grad_q = output
+    ctx.save_for_backward(x, target, weight, lse, coef, grad_x, grad_q)
+    ctx.reduction, ctx.options, ctx.need = reduction, options, need
+
+
+def _fwd_backward(ctx, grad_out, *_unused):
+    x, target, weight, lse, coef, grad_x, grad_q = ctx.saved_tensors
+    need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.reduction != "none":
+        g = grad_out.to(coef.dtype)
+        return (
+            (grad_x * g).to(x.dtype) if need_x else None,
+            (grad_q * g).to(target.dtype) if need_q else None,
+            None,
+            None,
+            None,
+            None,
+        )
+    grad_x, grad_q = torch.ops.xent.cross_entropy_bwd(
+        x,
+        target,
+        weight,
+        lse,
+        coef * grad_out.to(coef.dtype),
+        ctx.reduction,
+        ctx.options,
+        [need_x, need_q],
+    )
+    return grad_x if need_x else None, grad_q if need_q else None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "xent::cross_entropy_fwd", _fwd_backward, setup_context=_fwd_setup_context
+)
+
+
+def _cross_entropy_compiled(
+    x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: CEParams
+) -> torch.Tensor:
+    need = [x.requires_grad, target.requires_grad]
+    return torch.ops.xent.cross_entropy_fwd(
+        x, target, weight, params.reduction, params.options(), need
+    )[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,9 +637,12 @@ def cross_entropy(
         rows_target = _as_rows(target)
     else:
         _check_index_target(input, target, ignore_index)
-        rows_target = target.reshape(-1)
-    inplace = bool(inplace_backward) and input.dim() == 2
-    loss = _CrossEntropy.apply(_as_rows(input), rows_target, weight, params, inplace)
+        rows_target = target.reshape(-1)  # its range is checked inside, where it is read
+    if torch.compiler.is_compiling():
+        loss = _cross_entropy_compiled(_as_rows(input), rows_target, weight, params)
+    else:
+        inplace = bool(inplace_backward) and input.dim() == 2
+        loss = _CrossEntropy.apply(_as_rows(input), rows_target, weight, params, inplace)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss
 
 
@@ -555,6 +693,9 @@ def nll_loss(
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes)
     _check_index_target(input, target, ignore_index)
+    _check_target_range(
+        target, input.shape[0] if input.dim() == 1 else input.shape[1], ignore_index
+    )
     params = CEParams(int(ignore_index), reduction)
     loss = _NLL.apply(_as_rows(input), target.reshape(-1), weight, params)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss

@@ -1,0 +1,438 @@
+"""``xent bench``: time and memory of xent against its peers, measured in one run.
+
+Every case builds its inputs once and offers several *variants* (xent and the peers) of the same
+computation. Timings are taken with the variants interleaved, repetition by repetition, after a
+warm-up, so that a machine that slows down or speeds up during the run affects all of them alike;
+the table reports the minimum and the median of forward, backward and forward+backward. Peak
+memory is measured for each variant in a fresh subprocess, so that one variant's cached memory
+can never be charged to another. ``torch.compile`` variants are compiled during the warm-up and
+their compile time is reported separately.
+
+On CUDA, time comes from CUDA events and memory from ``torch.cuda.max_memory_allocated``; on the
+CPU, from ``time.perf_counter`` and the process's peak resident memory (Linux's ``VmHWM``, reset
+before the measured call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import xent
+
+Step = Callable[[], torch.Tensor]
+
+
+@dataclass
+class Config:
+    """Everything that defines one benchmark run (shared by the parent and its subprocesses)."""
+
+    case: str = "ce"
+    n: int = 4096
+    c: int = 32000
+    h: int = 512
+    dtype: str = "float32"
+    device: str = "cpu"
+    reduction: str = "mean"
+    ignore_frac: float = 0.0
+    variants: list[str] = field(default_factory=list)
+    repeat: int = 10
+    warmup: int = 2
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Cases: inputs and variants
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """A computation, its inputs, and the variants that perform it."""
+
+    inputs: dict[str, torch.Tensor]
+    variants: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]]
+    params: list[str]  # names of the inputs whose gradients backward computes
+    bytes_moved: int  # minimum bytes a forward+backward must read and write (for bandwidth)
+    flops: int = 0
+
+
+def _targets(cfg: Config, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    target = torch.randint(0, num_classes, (cfg.n,), generator=gen)
+    if cfg.ignore_frac > 0:
+        drop = torch.rand(cfg.n, generator=gen) < cfg.ignore_frac
+        target[drop] = -100
+    return target.to(cfg.device)
+
+
+def _ce_case(cfg: Config) -> Case:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype = getattr(torch, cfg.dtype)
+    x = torch.randn(cfg.n, cfg.c, generator=gen).to(device=cfg.device, dtype=dtype)
+    x.requires_grad_(True)
+    target = _targets(cfg, cfg.c, gen)
+    red = cfg.reduction
+
+    def compiled(inp):
+        return _compiled(F.cross_entropy)(inp["x"], inp["target"], reduction=red)
+
+    variants = {
+        "xent": lambda inp: xent.cross_entropy(inp["x"], inp["target"], reduction=red),
+        "torch": lambda inp: F.cross_entropy(inp["x"], inp["target"], reduction=red),
+        "torch.compile": compiled,
+    }
+    # Reads the logits once and writes their gradient once.
+    moved = 2 * x.numel() * x.element_size()
+    return Case({"x": x, "target": target}, variants, ["x"], moved)
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+CASES: dict[str, Callable[[Config], Case]] = {"ce": _ce_case}
+
+
+def register_case(name: str, builder: Callable[[Config], Case]) -> None:
+    """Make ``xent bench NAME`` available (cases for later operations register themselves)."""
+    CASES[name] = builder
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Wall time on the CPU; CUDA events (no host sync between the two halves) on a GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+
+def _zero_grads(case: Case) -> None:
+    for name in case.params:
+        case.inputs[name].grad = None
+
+
+def _run_once(case: Case, variant: str, clock: _Clock) -> tuple[float, float]:
+    _zero_grads(case)
+    t0 = clock.mark()
+    loss = case.variants[variant](case.inputs)
+    t1 = clock.mark()
+    loss.backward()
+    t2 = clock.mark()
+    return clock.seconds(t0, t1), clock.seconds(t1, t2)
+
+
+def measure_times(cfg: Config, progress: Callable[[], None] | None = None) -> dict[str, dict]:
+    """Interleaved timings of every variant: ``{variant: {"forward": [...], ...}}``."""
+    torch.manual_seed(cfg.seed)
+    case = CASES[cfg.case](cfg)
+    clock = _Clock(cfg.device)
+    results: dict[str, dict] = {}
+    for variant in cfg.variants:
+        t0 = time.perf_counter()
+        _run_once(case, variant, clock)  # the first call compiles (torch.compile variants)
+        first = time.perf_counter() - t0
+        for _ in range(max(cfg.warmup - 1, 0)):
+            _run_once(case, variant, clock)
+        results[variant] = {"forward": [], "backward": [], "total": [], "first_call_s": first}
+        if progress:
+            progress()
+    for _ in range(cfg.repeat):
+        for variant in cfg.variants:
+            fwd, bwd = _run_once(case, variant, clock)
+            results[variant]["forward"].append(fwd)
+            results[variant]["backward"].append(bwd)
+            results[variant]["total"].append(fwd + bwd)
+            if progress:
+                progress()
+    _zero_grads(case)
+    results["_case"] = {"bytes_moved": case.bytes_moved, "flops": case.flops}
+    return results
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(field_name)
+
+
+def measure_peak_memory(cfg: Config, variant: str) -> int:
+    """Peak memory (bytes) one forward+backward of ``variant`` adds on top of its inputs.
+
+    Runs in the calling process: ``xent bench`` calls it in a fresh subprocess per variant.
+    """
+    case = CASES[cfg.case](cfg)
+    clock = _Clock(cfg.device)
+    for _ in range(max(cfg.warmup, 1)):
+        _run_once(case, variant, clock)
+    _zero_grads(case)
+    gc.collect()
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _run_once(case, variant, clock)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    base = _rss_kib("VmRSS")
+    _run_once(case, variant, clock)
+    return (_rss_kib("VmHWM") - base) * 1024
+
+
+def _memory_in_subprocess(cfg: Config, variant: str) -> int | None:
+    spec = json.dumps({**dataclasses.asdict(cfg), "variants": [variant]})
+    proc = subprocess.run(
+        [sys.executable, "-m", "xent.bench", spec],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(f"memory probe for {variant} failed:\n{proc.stderr[-2000:]}\n")
+        return None
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def summarise(cfg: Config, times: dict[str, dict], memory: dict[str, int | None]) -> list[dict]:
+    """One row per variant with min/median times, ratios to xent, and peak memory."""
+    case_info = times["_case"]
+    rows = []
+    ref = times.get("xent")
+    for variant in cfg.variants:
+        t = times[variant]
+        row = {
+            "case": cfg.case,
+            "variant": variant,
+            "device": _device_name(cfg.device),
+            "shape": _shape(cfg),
+            "dtype": cfg.dtype,
+            "reduction": cfg.reduction,
+            "first_call_s": t["first_call_s"],
+            "peak_extra_bytes": memory.get(variant),
+        }
+        for part in ("forward", "backward", "total"):
+            row[f"{part}_min_s"] = min(t[part])
+            row[f"{part}_median_s"] = statistics.median(t[part])
+        if ref is not None:
+            row["speedup_of_xent"] = statistics.median(t["total"]) / statistics.median(ref["total"])
+        best = row["total_min_s"]
+        row["bandwidth_gbs"] = case_info["bytes_moved"] / best / 1e9 if best else None
+        if case_info["flops"]:
+            row["tflops"] = case_info["flops"] / best / 1e12
+        rows.append(row)
+    if memory.get("xent"):
+        for row in rows:
+            if row["peak_extra_bytes"]:
+                row["memory_ratio_xent"] = memory["xent"] / row["peak_extra_bytes"]
+    return rows
+
+
+def _shape(cfg: Config) -> str:
+    if cfg.case == "ce":
+        return f"N={cfg.n} C={cfg.c}"
+    return f"N={cfg.n} H={cfg.h} V={cfg.c}"
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"xent bench {rows[0]['case']}: {rows[0]['shape']} {rows[0]['dtype']} " + (
+        f"{rows[0]['reduction']} on {rows[0]['device']}"
+    )
+    table = Table(title=title)
+    for col in (
+        "variant",
+        "fwd ms",
+        "bwd ms",
+        "fwd+bwd ms (min)",
+        "median",
+        "xent is",
+        "peak extra MiB",
+        "first call s",
+    ):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        mem = r["peak_extra_bytes"]
+        table.add_row(
+            r["variant"],
+            f"{r['forward_median_s'] * 1e3:.1f}",
+            f"{r['backward_median_s'] * 1e3:.1f}",
+            f"{r['total_min_s'] * 1e3:.1f}",
+            f"{r['total_median_s'] * 1e3:.1f}",
+            f"{r['speedup_of_xent']:.2f}x faster" if "speedup_of_xent" in r else "",
+            "?" if mem is None else f"{mem / 2**20:.0f}",
+            f"{r['first_call_s']:.1f}",
+        )
+    Console().print(table)
+
+
+def write_outputs(rows: list[dict], json_path: str | None, csv_path: str | None) -> None:
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=2)
+    if csv_path:
+        import csv
+
+        keys = sorted({k for r in rows for k in r})
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = [r["variant"] for r in rows]
+    fwd = [r["forward_median_s"] * 1e3 for r in rows]
+    bwd = [r["backward_median_s"] * 1e3 for r in rows]
+    ax_t.barh(names, fwd, label="forward", color="#4c72b0")
+    ax_t.barh(names, bwd, left=fwd, label="backward", color="#dd8452")
+    ax_t.set_xlabel("median time (ms), lower is better")
+    ax_t.invert_yaxis()
+    ax_t.legend(loc="lower right")
+    mem = [(r["peak_extra_bytes"] or 0) / 2**20 for r in rows]
+    ax_m.barh(names, mem, color="#55a868")
+    ax_m.set_xlabel("peak extra memory (MiB), lower is better")
+    ax_m.invert_yaxis()
+    r0 = rows[0]
+    fig.suptitle(f"xent bench {r0['case']}: {r0['shape']} {r0['dtype']} on {r0['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_VARIANTS = {"ce": ["xent", "torch", "torch.compile"]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "case", nargs="?", default="ce", help="what to measure: " + ", ".join(sorted(CASES))
+    )
+    parser.add_argument("-n", "--n", type=int, default=4096, help="rows (tokens)")
+    parser.add_argument(
+        "-c",
+        "--classes",
+        "--vocab",
+        dest="c",
+        type=int,
+        default=32000,
+        help="classes (vocabulary size)",
+    )
+    parser.add_argument("--hidden", dest="h", type=int, default=512, help="hidden size (lce)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"]
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"])
+    parser.add_argument(
+        "--ignore-frac", type=float, default=0.0, help="fraction of targets set to ignore_index"
+    )
+    parser.add_argument("--variants", help="comma-separated subset of the case's variants")
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--csv", help="write the results to this CSV file")
+    parser.add_argument("--plot", help="draw time and memory to this PNG file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    if args.case not in CASES:
+        raise SystemExit(f"unknown case {args.case!r}; choose one of {', '.join(sorted(CASES))}")
+    variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS[args.case]
+    cfg = Config(
+        args.case,
+        args.n,
+        args.c,
+        args.h,
+        args.dtype,
+        args.device,
+        args.reduction,
+        args.ignore_frac,
+        variants,
+        args.repeat,
+        args.warmup,
+    )
+    steps = len(variants) * (cfg.repeat + 1 + (0 if args.no_memory else 1))
+    memory: dict[str, int | None] = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"xent bench {cfg.case}", total=steps)
+        times = measure_times(cfg, lambda: progress.advance(task))
+        if not args.no_memory:
+            for variant in variants:
+                memory[variant] = _memory_in_subprocess(cfg, variant)
+                progress.advance(task)
+    rows = summarise(cfg, times, memory)
+    print_table(rows)
+    write_outputs(rows, args.json, args.csv)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":  # the memory probe: `python -m xent.bench '{"case": ...}'`
+    probe = Config(**json.loads(sys.argv[1]))
+    print(measure_peak_memory(probe, probe.variants[0]))
