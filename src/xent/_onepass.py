@@ -176,6 +176,7 @@ def cross_entropy_pass(
     w = None if weight is None else weight.to(device=device, dtype=cdtype)
     w_sum = float(num_classes) if w is None else None  # Σ_c w_c, as a number or a tensor
     w_total = w.sum() if w is not None else None
+    w_row = torch.ones(num_classes, device=device, dtype=cdtype) if w is None else w
 
     loss = torch.empty(num_rows, device=device, dtype=cdtype)
     lse_all = torch.empty(num_rows, device=device, dtype=cdtype)
@@ -195,16 +196,41 @@ def cross_entropy_pass(
         n = stop - start
         z, tanh = _capped_logits(x[start:stop], cap, cdtype, scratch)
 
-        # e = exp(z - m): m is the row max, so every exponent is ≤ 0 (no overflow) and the largest
-        # term is 1 (the sum cannot underflow). An all -inf row is shifted by 0 instead of -inf.
-        gs = None if grad_out is None else grad_out[start:stop]
-        # The exponentials go straight into the gradient buffer unless that buffer has another
-        # dtype or *is* the logits (``inplace``), whose values are still needed below.
-        direct = gs is not None and gs.dtype == cdtype and not inplace
-        e = gs if direct else scratch.get("exp", n)
+        # What the loss needs from the logits themselves is read first, so that the
+        # exponentials may overwrite them when the gradient buffer *is* the logits (inplace).
+        if probs:
+            wq = scratch.get("wq", n)
+            if eps > 0.0:
+                torch.mul(target[start:stop], 1.0 - eps, out=wq)
+                wq.add_(eps / num_classes)
+            else:
+                wq.copy_(target[start:stop])
+            if w is not None:
+                wq.mul_(w)
+            big_s = wq.sum(dim=1, keepdim=True)
+            wz = torch.linalg.vecdot(wq, z, dim=1).unsqueeze(1)
+        else:
+            ys = safe[start:stop, None]
+            row_valid = valid[start:stop, None]
+            w_y = w_y_all[start:stop, None]
+            z_y = z.gather(1, ys)
+            if eps > 0.0:
+                wz = z.sum(dim=1, keepdim=True) if w is None else (z @ w).unsqueeze(1)
+        m = None
         if lse_in is None:
             m = z.amax(dim=1, keepdim=True)
             m = torch.where(m == -torch.inf, torch.zeros_like(m), m)
+
+        # e = exp(z - m): m is the row max, so every exponent is ≤ 0 (no overflow) and the largest
+        # term is 1 (the sum cannot underflow). An all -inf row is shifted by 0 instead of -inf.
+        # The exponentials go straight into the gradient buffer unless its dtype differs, or it
+        # is the logits and ∂l/∂q (which needs them after the exponentials) is also wanted.
+        gs = None if grad_out is None else grad_out[start:stop]
+        direct = (
+            gs is not None and gs.dtype == cdtype and not (inplace and grad_target_out is not None)
+        )
+        e = gs if direct else scratch.get("exp", n)
+        if m is not None:
             torch.sub(z, m, out=e)
             e.exp_()
             s = e.sum(dim=1, keepdim=True)
@@ -217,48 +243,29 @@ def cross_entropy_pass(
         lse_all[start:stop] = lse.squeeze(1)
 
         if probs:
-            qs = target[start:stop]
-            wq = scratch.get("wq", n)
-            if eps > 0.0:
-                torch.mul(qs, 1.0 - eps, out=wq)
-                wq.add_(eps / num_classes)
-            else:
-                wq.copy_(qs)
-            if w is not None:
-                wq.mul_(w)
-            big_s = wq.sum(dim=1, keepdim=True)
-            wz = torch.linalg.vecdot(wq, z, dim=1).unsqueeze(1)
             row_loss = lse * big_s - wz
             a_coef = big_s
         else:
-            ys = safe[start:stop, None]
-            w_y = w_y_all[start:stop, None]
-            z_y = z.gather(1, ys)
             # Ignored rows are zeroed with `where` (their logits may be ±inf; 0·inf is NaN).
-            row_loss = torch.where(valid[start:stop, None], w_y * (lse - z_y), 0.0)
+            row_loss = torch.where(row_valid, w_y * (lse - z_y), 0.0)
             a_coef = (1.0 - eps) * w_y
             if eps > 0.0:
-                wz = z.sum(dim=1, keepdim=True) if w is None else (z @ w).unsqueeze(1)
                 ws = w_sum if w is None else w_total
-                smooth = torch.where(valid[start:stop, None], lse * ws - wz, 0.0)
+                smooth = torch.where(row_valid, lse * ws - wz, 0.0)
                 row_loss = (1.0 - eps) * row_loss + (eps / num_classes) * smooth
                 a_coef = a_coef + (eps / num_classes) * ws
         if zeta != 0.0:
             z_term = zeta * lse * lse
             if not probs:
-                z_term = torch.where(valid[start:stop, None], z_term, 0.0)
+                z_term = torch.where(row_valid, z_term, 0.0)
             row_loss = row_loss + z_term
             a_coef = a_coef + 2.0 * zeta * lse
         loss[start:stop] = row_loss.squeeze(1)
 
         if grad_target_out is not None:
             # ∂l/∂q_c = -(1 - ε) w_c (z_c - lse), scaled by the row coefficient.
-            gq = scratch.get("gq", n)
-            torch.sub(z, lse, out=gq)
-            gq.mul_(-(1.0 - eps) * row_coef[start:stop, None])
-            if w is not None:
-                gq.mul_(w)
-            grad_target_out[start:stop].copy_(gq)
+            gq = (z - lse).mul_(-(1.0 - eps) * row_coef[start:stop, None])
+            grad_target_out[start:stop].copy_(gq if w is None else gq.mul_(w))
 
         if gs is None:
             continue
@@ -272,7 +279,6 @@ def cross_entropy_pass(
         else:
             e.scatter_add_(1, ys, -(1.0 - eps) * c * w_y)
             if eps > 0.0:
-                w_row = torch.ones(num_classes, device=device, dtype=cdtype) if w is None else w
                 e.addr_(c.squeeze(1), w_row, alpha=-eps / num_classes)
         if tanh is not None:
             # Chain rule through z = s·tanh(x/s): ∂z/∂x = 1 - tanh².
