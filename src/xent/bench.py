@@ -107,7 +107,43 @@ def _compiled(fn: Callable) -> Callable:
     return _COMPILED[fn]
 
 
-CASES: dict[str, Callable[[Config], Case]] = {"ce": _ce_case}
+def _lce_case(cfg: Config) -> Case:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype = getattr(torch, cfg.dtype)
+    x = torch.randn(cfg.n, cfg.h, generator=gen).to(device=cfg.device, dtype=dtype)
+    w = (torch.randn(cfg.c, cfg.h, generator=gen) / cfg.h**0.5).to(device=cfg.device, dtype=dtype)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    target = _targets(cfg, cfg.c, gen)
+    red = cfg.reduction
+
+    def eager(inp):
+        return F.cross_entropy(F.linear(inp["x"], inp["w"]), inp["target"], reduction=red)
+
+    def torch_chunked(inp):
+        return F.linear_cross_entropy(
+            inp["x"],
+            inp["w"],
+            inp["target"],
+            reduction=red,
+            ignore_index=-100,
+            options=torch.nn.LinearCrossEntropyOptions(),
+        )
+
+    variants = {
+        "xent": lambda inp: xent.linear_cross_entropy(
+            inp["x"], inp["w"], inp["target"], reduction=red
+        ),
+        "torch": eager,
+        "torch.compile": lambda inp: _compiled(eager)(inp),
+        "torch.chunked": torch_chunked,
+    }
+    flops = 6 * int((target != -100).sum()) * cfg.h * cfg.c
+    moved = 2 * (x.numel() + w.numel()) * x.element_size()
+    return Case({"x": x, "w": w, "target": target}, variants, ["x", "w"], moved, flops)
+
+
+CASES: dict[str, Callable[[Config], Case]] = {"ce": _ce_case, "lce": _lce_case}
 
 
 def register_case(name: str, builder: Callable[[Config], Case]) -> None:
@@ -362,7 +398,10 @@ def plot(rows: list[dict], path: str) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_VARIANTS = {"ce": ["xent", "torch", "torch.compile"]}
+DEFAULT_VARIANTS = {
+    "ce": ["xent", "torch", "torch.compile"],
+    "lce": ["xent", "torch", "torch.compile", "torch.chunked"],
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

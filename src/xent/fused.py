@@ -1,0 +1,479 @@
+"""Linear layer + cross-entropy, fused so that the ``N × V`` logits never exist in full.
+
+A language model's head maps ``N`` hidden states of width ``H`` to ``N × V`` logits. For
+``V = 128k`` and ``N = 8k`` tokens those logits (and their gradient) take 4 GiB each in fp32,
+far more than the weights. The fused operation walks through the tokens in chunks; per chunk it
+
+1. forms the logits ``z = X_c Wᵀ + b`` (``n_c × V``, the only large buffer),
+2. turns them, in place, into ``∂L/∂z`` with the one-pass cross-entropy kernel
+   (:mod:`xent._onepass`), which also yields the chunk's losses,
+3. accumulates ``∂L/∂X_c = (∂L/∂z) W`` and ``∂L/∂W += (∂L/∂z)ᵀ X_c`` (fp32) and
+   ``∂L/∂b += Σ_rows ∂L/∂z``,
+
+so a scalar loss is finished, gradients included, by the end of the forward: 6·N·H·V flops and
+one chunk of logits of memory. For ``reduction="none"`` the forward keeps only each token's
+log-sum-exp, and backward recomputes the logits chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from xent._onepass import CEParams, cross_entropy_pass
+from xent._validation import Reduction, check_label_smoothing, check_reduction, compute_dtype
+from xent.activation import logsumexp
+from xent.classification import (
+    _check_chunk_size,
+    _check_softcap,
+    _check_target_range,
+    _check_weight,
+    _check_z_loss,
+)
+
+# fp32 bytes of logits per token chunk when ``chunk_size`` is not given. 32 MiB keeps the chunk's
+# logits (and the kernel's own cache-sized scratch) well within 64 MiB of the gradients' floor,
+# while each chunk's matrix products stay large enough (≥ 256 rows at V = 32k) to run at full
+# speed: 8–128 MiB were within 4 % of each other with `xent bench lce` on a 2-core CPU.
+CHUNK_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class LCEParams:
+    """Options of one linear cross-entropy call and its non-differentiable tensors.
+
+    They travel through autograd as one object, so backward returns only the gradients of the
+    input, the weight and the bias.
+    """
+
+    ce: CEParams
+    target: torch.Tensor
+    class_weight: torch.Tensor | None = None
+    token_weight: torch.Tensor | None = None
+    normalizer: torch.Tensor | float | None = None
+    chunk_tokens: int | None = None
+
+    def tokens_per_chunk(self, vocab: int) -> int:
+        if self.chunk_tokens is not None:
+            return self.chunk_tokens
+        return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# The chunked computation
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_logits(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cdtype: torch.dtype
+) -> torch.Tensor:
+    """``x wᵀ + b`` for one chunk, in the compute dtype (fp32 statistics for bf16/fp16)."""
+    z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+    return z if z.dtype == cdtype else z.to(cdtype)
+
+
+def _chunked_pass(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    opts: LCEParams,
+    coef: torch.Tensor | None,
+    need: tuple[bool, bool, bool],
+    lse_in: torch.Tensor | None = None,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+]:
+    """Loss and log-sum-exp of the kept tokens, and (if ``coef``) ``Σ_i c_i ∂l_i/∂(x, w, b)``.
+
+    ``keep`` lists the rows of ``x`` that count (None: all of them); ignored tokens never enter
+    a matrix product. Each chunk gathers its own rows, so nothing ``N``-sized is copied. The
+    returned ``(M)`` loss and log-sum-exp follow ``keep``'s order; ``∂L/∂x`` is full-sized with
+    zero rows for dropped tokens.
+    """
+    n_kept = x.shape[0] if keep is None else keep.numel()
+    vocab = w.shape[0]
+    cdtype = compute_dtype(x.dtype)
+    need_x, need_w, need_b = need if coef is not None else (False, False, False)
+    loss = torch.empty(n_kept, dtype=cdtype, device=x.device)
+    lse = torch.empty(n_kept, dtype=cdtype, device=x.device)
+    grad_x = None
+    if need_x:
+        grad_x = torch.empty_like(x) if keep is None else torch.zeros_like(x)
+    # ∂L/∂W is a sum over all tokens: accumulate it in fp32 whatever the weight's dtype.
+    grad_w = torch.zeros(w.shape, dtype=cdtype, device=w.device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=cdtype, device=w.device) if need_b else None
+    target = opts.target
+    step = opts.tokens_per_chunk(vocab)
+    for start in range(0, n_kept, step):
+        stop = min(start + step, n_kept)
+        rows = slice(start, stop) if keep is None else keep[start:stop]
+        xs = x[rows]
+        z = _chunk_logits(xs, w, b, cdtype)
+        chunk_loss, chunk_lse = cross_entropy_pass(
+            z,
+            target[rows],
+            opts.class_weight,
+            None if coef is None else coef[rows],
+            opts.ce,
+            lse_in=None if lse_in is None else lse_in[start:stop],
+            grad_out=None if coef is None else z,  # z becomes ∂L/∂z in place
+        )
+        loss[start:stop] = chunk_loss
+        lse[start:stop] = chunk_lse
+        if coef is None:
+            continue
+        if grad_x is not None:
+            dx = torch.mm(z.to(w.dtype), w)
+            if keep is None:
+                grad_x[rows] = dx
+            else:
+                grad_x.index_copy_(0, rows, dx)
+        if grad_w is not None:
+            grad_w.addmm_(z.t(), xs if xs.dtype == cdtype else xs.to(cdtype))
+        if grad_b is not None:
+            grad_b += z.sum(dim=0)
+    return loss, lse, grad_x, grad_w, grad_b
+
+
+def _coefficients(
+    target: torch.Tensor, opts: LCEParams, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(c, D)``: per-token ``∂L/∂l_i`` (upstream 1) and the mean's denominator.
+
+    ``c_i = t_i / D`` for ``"mean"`` and ``t_i`` otherwise, with ``t_i`` the token weight (1 if
+    none, 0 on ignored tokens) and ``D`` the normalizer if given, else ``Σ_i t_i w_{y_i}``.
+    """
+    valid = target != opts.ce.ignore_index
+    tw = valid.to(dtype)
+    if opts.token_weight is not None:
+        tw = torch.where(valid, opts.token_weight.to(dtype), 0.0)
+    if opts.ce.reduction != "mean":
+        return tw, None
+    if opts.normalizer is not None:
+        denom = torch.as_tensor(opts.normalizer, dtype=dtype, device=target.device)
+    elif opts.class_weight is None:
+        denom = tw.sum()
+    else:
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        denom = (tw * opts.class_weight.to(dtype)[safe]).sum()
+    # `where`, not a product: ignored tokens get exactly 0 even when D is 0 (all ignored).
+    return torch.where(valid, tw / denom, 0.0), denom
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Linear + cross-entropy on ``(N, H)`` inputs and ``(N)`` targets.
+
+    Only ``x``, ``w`` and ``b`` are differentiable; everything else rides in ``opts``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, opts: LCEParams):
+        ce, target = opts.ce, opts.target
+        cdtype = compute_dtype(x.dtype)
+        coef, denom = _coefficients(target, opts, cdtype)
+        # Ignored tokens contribute nothing: drop them before any matrix product. (Listing
+        # them needs their count on the host; on the CPU that costs nothing.)
+        keep = (target != ce.ignore_index).nonzero().squeeze(1)
+        keep_or_all = None if keep.numel() == target.numel() else keep
+        scalar = ce.reduction != "none"
+        need = tuple(ctx.needs_input_grad[:3])
+        loss_k, lse_k, grad_x, gw, gb = _chunked_pass(
+            x, w, b, keep_or_all, opts, coef if scalar else None, need
+        )
+        tw = coef if ce.reduction != "mean" else coef * denom  # the token weights t_i
+        per_token = torch.zeros(target.shape[0], dtype=cdtype, device=x.device)
+        per_token.index_copy_(0, keep, loss_k * tw.index_select(0, keep))
+        if ce.reduction == "mean":
+            out = per_token.sum() / denom
+        elif ce.reduction == "sum":
+            out = per_token.sum()
+        else:
+            out = per_token
+        ctx.opts, ctx.grads = opts, (grad_x, gw, gb)
+        ctx.keep = keep_or_all
+        ctx.save_for_backward(x, w, b, coef, lse_k)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, b, coef, lse_k = ctx.saved_tensors
+        opts: LCEParams = ctx.opts
+        g = grad_out.to(coef.dtype)
+        scalar = opts.ce.reduction != "none"
+        need = tuple(ctx.needs_input_grad[:3])
+        grad_x, grad_w, grad_b = ctx.grads
+        ctx.grads = (None, None, None)  # hand the buffers over: no copy
+        if not scalar or all(grad is None for grad in (grad_x, grad_w, grad_b)):
+            # "none": recompute the logits chunk by chunk from the saved log-sum-exp. A scalar
+            # loss whose buffers a first backward already consumed (retained graph) forms them
+            # again by the forward's own arithmetic, so repeated backwards agree bit for bit.
+            c = coef * g.reshape(-1) if not scalar else coef
+            _, _, grad_x, grad_w, grad_b = _chunked_pass(
+                x, w, b, ctx.keep, opts, c, need, lse_in=None if scalar else lse_k
+            )
+        if scalar and not (g.device.type == "cpu" and bool(g == 1)):
+            grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
+            grad_w = None if grad_w is None else grad_w.mul_(g)
+            grad_b = None if grad_b is None else grad_b.mul_(g)
+        return (
+            grad_x,
+            None if grad_w is None else grad_w.to(w.dtype),
+            None if grad_b is None else grad_b.to(b.dtype),
+            None,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+IMPLS = ("auto", "torch", "reference")
+
+
+def _check_linear_args(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+) -> None:
+    if not input.is_floating_point() or input.dim() == 0:
+        raise TypeError(
+            f"input must be a floating tensor of shape (..., H), got {input.dtype} "
+            f"of shape {tuple(input.shape)}"
+        )
+    hidden = input.shape[-1]
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
+        raise ValueError(
+            f"linear_weight must have shape (V, H) with H = {hidden} (the input's last "
+            f"dimension), got {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"input and linear_weight must have the same dtype, got {input.dtype} and "
+            f"{linear_weight.dtype}"
+        )
+    vocab = linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (vocab,):
+        raise ValueError(f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target must have the input's shape without its last dimension, "
+            f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
+    if token_weight is not None and tuple(token_weight.shape) != tuple(target.shape):
+        raise ValueError(
+            f"token_weight must have the target's shape {tuple(target.shape)}, "
+            f"got {tuple(token_weight.shape)}"
+        )
+
+
+def _check_normalizer(
+    normalizer: torch.Tensor | float | None, reduction: str
+) -> torch.Tensor | float | None:
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"normalizer replaces the denominator of reduction='mean'; it cannot be used with "
+            f"reduction={reduction!r}"
+        )
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer must be a number or a one-element tensor, got shape "
+                f"{tuple(normalizer.shape)}"
+            )
+        return normalizer.reshape(())  # no host sync: its value is used on its device
+    value = float(normalizer)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_reference(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: torch.Tensor | float | None = None,
+    token_weight: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str = "reference",
+) -> torch.Tensor:
+    """The plain-PyTorch definition of :func:`linear_cross_entropy`, logits and all.
+
+    Materialises the ``N × V`` logits in fp32 and lets autograd differentiate elementary
+    operations: the specification that the fused paths are tested against, and the baseline
+    they are measured against. ``chunk_size`` and ``impl`` are accepted and ignored.
+
+    Example:
+        >>> import torch, xent
+        >>> x, w = torch.eye(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> xent.linear_cross_entropy_reference(x, w, torch.tensor([0, 1]))
+        tensor(0.3133)
+    """
+    x = input.reshape(-1, input.shape[-1])
+    cdtype = compute_dtype(input.dtype)
+    z = x.to(cdtype) @ linear_weight.to(cdtype).t()
+    if linear_bias is not None:
+        z = z + linear_bias.to(cdtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    t = target.reshape(-1)
+    valid = t != ignore_index
+    safe = torch.where(valid, t, torch.zeros_like(t))
+    w = (
+        torch.ones(z.shape[1], dtype=cdtype, device=z.device)
+        if weight is None
+        else weight.to(cdtype)
+    )
+    lse = logsumexp(z, dim=1)
+    log_p = z - lse[:, None]
+    nll = -w[safe] * log_p.gather(1, safe[:, None]).squeeze(1)
+    smooth = -(log_p * w).sum(dim=1)
+    eps = label_smoothing
+    per_token = (1 - eps) * nll + (eps / z.shape[1]) * smooth + z_loss * lse**2
+    tw = torch.ones_like(lse) if token_weight is None else token_weight.reshape(-1).to(cdtype)
+    per_token = torch.where(valid, per_token * tw, 0.0)
+    if reduction == "none":
+        return per_token.reshape(target.shape).to(input.dtype)
+    if reduction == "sum":
+        return per_token.sum().to(input.dtype)
+    denom = normalizer if normalizer is not None else torch.where(valid, tw * w[safe], 0.0).sum()
+    return (per_token.sum() / denom).to(input.dtype)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: torch.Tensor | float | None = None,
+    token_weight: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without storing those logits.
+
+    With ``z_i = W x_i + b`` (soft-capped to ``s·tanh(z/s)`` if ``softcap``), per token
+
+    .. math::
+
+        l_i = t_i \\Big[(1-ε)\\,w_{y_i}(\\operatorname{lse}(z_i) - z_{i,y_i})
+              + \\frac{ε}{V}\\sum_c w_c(\\operatorname{lse}(z_i) - z_{i,c})
+              + ζ\\,\\operatorname{lse}(z_i)^2\\Big],
+
+    with ``t_i`` the token weight (``token_weight``, else 1; 0 for ``ignore_index`` targets),
+    ``w`` the class weights, ``ε`` the label smoothing and ``ζ`` the z-loss coefficient. Then
+
+    .. math::
+
+        L_{\\text{sum}} = \\sum_i l_i, \\qquad
+        L_{\\text{mean}} = \\frac{\\sum_i l_i}{D}, \\qquad
+        D = \\texttt{normalizer} \\text{ or } \\sum_{i \\text{ not ignored}} t_i w_{y_i}.
+
+    ``normalizer`` lets micro-batches add up to the full-batch mean: give every micro-batch (or
+    data-parallel rank) the total count of target tokens of the whole step and sum their losses.
+    ``token_weight`` scales each token's loss and gradients (e.g. per-sequence or
+    per-document weights); it receives no gradient.
+
+    Args:
+        input: hidden states ``(..., H)``; fp32, bf16, fp16 or fp64.
+        linear_weight: ``(V, H)``, same dtype as ``input``.
+        target: class indices ``(...)`` (the input's shape without ``H``).
+        linear_bias: optional ``(V)``.
+        weight: optional ``(V)`` class weights.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
+        ignore_index: targets equal to it are dropped before any matrix product.
+        label_smoothing: ``ε`` in ``[0, 1]``, over the whole vocabulary.
+        z_loss: ``ζ ≥ 0``, coefficient of ``lse²`` (PaLM's auxiliary loss).
+        softcap: ``s > 0`` caps logits to ``s·tanh(z/s)`` (Gemma 2).
+        normalizer: denominator of ``"mean"`` instead of the token count: a number or a
+            one-element tensor (never read on the host).
+        token_weight: optional ``(...)`` per-token weights.
+        chunk_size: tokens per chunk; default: as many as fit 32 MiB of fp32 logits.
+        impl: ``"auto"`` (the chunked path), ``"torch"`` (the same, explicitly) or
+            ``"reference"`` (materialise the logits: :func:`linear_cross_entropy_reference`).
+
+    Returns:
+        The loss in ``input``'s dtype: a scalar, or ``target``'s shape for ``"none"``.
+
+    Equals ``xent.cross_entropy(torch.nn.functional.linear(input, linear_weight, linear_bias)
+    .flatten(0, -2), target.flatten(), weight, ...)`` (and PyTorch 2.13's
+    ``F.linear_cross_entropy`` for the options it has); statistics are always fp32, and the
+    weight's gradient is accumulated in fp32 and rounded once at the end.
+
+    Memory: besides the gradients of ``input`` and ``linear_weight`` (the floor), one chunk of
+    fp32 logits; for bf16/fp16 weights also an fp32 accumulator for their gradient.
+
+    Example:
+        >>> import torch, xent
+        >>> x, w = torch.eye(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> xent.linear_cross_entropy(x, w, torch.tensor([0, 1]))
+        tensor(0.3133)
+        >>> xent.linear_cross_entropy(x, w, torch.tensor([0, 1]), reduction="sum", normalizer=None)
+        tensor(0.6265)
+    """
+    check_reduction(reduction)
+    eps = check_label_smoothing(label_smoothing)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    _check_linear_args(input, linear_weight, target, linear_bias, token_weight)
+    _check_weight(weight, linear_weight.shape[0])
+    norm = _check_normalizer(normalizer, reduction)
+    ce = CEParams(int(ignore_index), reduction, eps, _check_z_loss(z_loss), _check_softcap(softcap))
+    chunk = _check_chunk_size(chunk_size)
+    flat_target = target.reshape(-1)
+    _check_target_range(flat_target, linear_weight.shape[0], ignore_index)
+    if impl == "reference":
+        return linear_cross_entropy_reference(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=eps,
+            z_loss=z_loss,
+            softcap=softcap,
+            normalizer=norm,
+            token_weight=token_weight,
+        )
+    opts = LCEParams(
+        ce,
+        flat_target,
+        None if weight is None else weight.detach(),
+        None if token_weight is None else token_weight.detach().reshape(-1),
+        norm,
+        chunk,
+    )
+    loss = _LinearCrossEntropy.apply(
+        input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, opts
+    )
+    return loss.reshape(target.shape) if reduction == "none" else loss

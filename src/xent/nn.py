@@ -1,0 +1,239 @@
+"""``torch.nn.Module`` wrappers: each stores its options and calls the matching xent function.
+
+The constructors take PyTorch's arguments (without the long-deprecated ``size_average`` and
+``reduce``), so ``torch.nn.CrossEntropyLoss(...)`` becomes ``xent.nn.CrossEntropyLoss(...)``.
+Class weights and ``pos_weight`` are registered as buffers, so they follow ``.to(device)`` and
+land in the ``state_dict`` exactly as in PyTorch.
+
+Example:
+    >>> import torch, xent
+    >>> loss_fn = xent.nn.CrossEntropyLoss(label_smoothing=0.1)
+    >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+    >>> round(loss_fn(logits, torch.tensor([0, 1])).item(), 4)
+    0.5047
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xent._validation import Reduction
+from xent.binary import binary_cross_entropy, binary_cross_entropy_with_logits
+from xent.classification import cross_entropy, nll_loss
+from xent.divergence import kl_div
+from xent.fused import linear_cross_entropy
+from xent.regression import huber_loss
+
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "HuberLoss",
+    "KLDivLoss",
+    "LinearCrossEntropyLoss",
+    "NLLLoss",
+]
+
+
+class _WeightedLoss(nn.Module):
+    weight: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor | None, reduction: str) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+class CrossEntropyLoss(_WeightedLoss):
+    """Module form of :func:`xent.cross_entropy`; same arguments as ``torch.nn.CrossEntropyLoss``.
+
+    Shapes: input ``(C)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; target class indices (the input's
+    shape without the class axis) or probabilities (the input's shape).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(weight, reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class NLLLoss(_WeightedLoss):
+    """Module form of :func:`xent.nll_loss`; same arguments as ``torch.nn.NLLLoss``."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__(weight, reduction)
+        self.ignore_index = ignore_index
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nll_loss(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
+
+class BCELoss(_WeightedLoss):
+    """Module form of :func:`xent.binary_cross_entropy`; arguments of ``torch.nn.BCELoss``."""
+
+    def __init__(self, weight: torch.Tensor | None = None, reduction: Reduction = "mean") -> None:
+        super().__init__(weight, reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_WeightedLoss):
+    """Module form of :func:`xent.binary_cross_entropy_with_logits`.
+
+    Same arguments as ``torch.nn.BCEWithLogitsLoss``; ``pos_weight`` is a buffer like ``weight``.
+    """
+
+    pos_weight: torch.Tensor | None
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        reduction: Reduction = "mean",
+        pos_weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(weight, reduction)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return binary_cross_entropy_with_logits(
+            input,
+            target,
+            weight=self.weight,
+            reduction=self.reduction,
+            pos_weight=self.pos_weight,
+        )
+
+
+class KLDivLoss(nn.Module):
+    """Module form of :func:`xent.kl_div`; same arguments as ``torch.nn.KLDivLoss``."""
+
+    def __init__(self, reduction: str = "mean", log_target: bool = False) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.log_target = log_target
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, log_target={self.log_target}"
+
+
+class HuberLoss(nn.Module):
+    """Module form of :func:`xent.huber_loss`; same arguments as ``torch.nn.HuberLoss``."""
+
+    def __init__(self, reduction: Reduction = "mean", delta: float = 1.0) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.delta = delta
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return huber_loss(input, target, reduction=self.reduction, delta=self.delta, weight=weight)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, delta={self.delta}"
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """An output layer and its cross-entropy in one: :func:`xent.linear_cross_entropy`.
+
+    Like ``torch.nn.LinearCrossEntropyLoss``, the module owns the ``Linear(in_features,
+    num_classes)`` projection (``self.linear``), so ``loss_fn(hidden, target)`` trains the head
+    without ever storing its ``N × num_classes`` logits. ``forward`` also takes xent's per-call
+    ``normalizer`` and ``token_weight``. (K-dimensional ``out_features`` are not supported.)
+
+    Example:
+        >>> import torch, xent
+        >>> _ = torch.manual_seed(0)
+        >>> head = xent.nn.LinearCrossEntropyLoss(16, 100, label_smoothing=0.1)
+        >>> loss = head(torch.randn(8, 16), torch.randint(0, 100, (8,)))
+        >>> loss.backward()
+        >>> head.linear.weight.grad.shape
+        torch.Size([100, 16])
+    """
+
+    weight: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        reduction: Reduction = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        normalizer: torch.Tensor | float | None = None,
+        token_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            normalizer=normalizer,
+            token_weight=token_weight,
+            chunk_size=self.chunk_size,
+        )

@@ -1,0 +1,281 @@
+"""xent.linear_cross_entropy against F.linear + F.cross_entropy, torch's own fused op, and the
+in-package reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent
+
+
+def _problem(n=29, h=12, v=41, dtype=torch.float64, seed=0, ignore_every=5, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w = (torch.randn(v, h, generator=gen, dtype=torch.float64) / h**0.5).to(dtype)
+    w.requires_grad_()
+    b = (
+        torch.randn(v, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        if bias
+        else None
+    )
+    t = torch.randint(0, v, (n,), generator=gen)
+    if ignore_every:
+        t[::ignore_every] = -100
+    return x, w, b, t
+
+
+def _materialised(
+    x,
+    w,
+    b,
+    t,
+    *,
+    weight=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    token_weight=None,
+    normalizer=None,
+    ignore_index=-100,
+):
+    """The definition with torch's own functions and all logits in memory."""
+    z = F.linear(x, w, b)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    ce = F.cross_entropy(
+        z, t, weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    valid = t != ignore_index
+    lse = torch.logsumexp(z, 1)
+    per = ce + torch.where(valid, z_loss * lse**2, torch.zeros_like(lse))
+    tw = torch.ones_like(per) if token_weight is None else token_weight
+    per = per * tw
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    wy = torch.ones_like(per) if weight is None else weight[t.clamp(min=0)]
+    denom = normalizer if normalizer is not None else (tw * wy * valid).sum()
+    return per.sum() / denom
+
+
+def _grads(loss, params, upstream):
+    return torch.autograd.grad(loss, [p for p in params if p is not None], upstream)
+
+
+OPTION_SETS = [
+    {},
+    dict(label_smoothing=0.15),
+    dict(z_loss=1e-2),
+    dict(softcap=4.0),
+    dict(weight="w"),
+    dict(token_weight="t"),
+    dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0, weight="w", token_weight="t"),
+]
+
+
+@pytest.mark.parametrize(
+    ("opts", "reduction", "chunk"),
+    list(itertools.product(OPTION_SETS, ["mean", "sum", "none"], [None, 1, 7, 1000])),
+)
+def test_matches_materialised_torch_float64(opts, reduction, chunk):
+    x, w, b, t = _problem()
+    gen = torch.Generator().manual_seed(1)
+    kw = dict(opts)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(w.shape[0], generator=gen, dtype=torch.float64) + 0.1
+    if kw.get("token_weight") == "t":
+        kw["token_weight"] = torch.rand(x.shape[0], generator=gen, dtype=torch.float64) * 2
+    ours = xent.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=reduction, chunk_size=chunk, **kw
+    )
+    ref = _materialised(x, w, b, t, reduction=reduction, **kw)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    up = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+    for g_ours, g_ref in zip(_grads(ours, (x, w, b), up), _grads(ref, (x, w, b), up), strict=True):
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_impl_is_the_same_function(reduction):
+    x, w, b, t = _problem(seed=3)
+    kw = dict(linear_bias=b, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)
+    fused = xent.linear_cross_entropy(x, w, t, **kw)
+    ref = xent.linear_cross_entropy(x, w, t, impl="reference", **kw)
+    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        xent.linear_cross_entropy_reference(x, w, t, **kw), ref, atol=0, rtol=0
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_matches_torch_linear_cross_entropy(reduction, label_smoothing):
+    x, w, b, t = _problem(n=64, h=16, v=100, dtype=torch.float32, seed=4)
+    kw = dict(linear_bias=b, reduction=reduction, label_smoothing=label_smoothing)
+    ours = xent.linear_cross_entropy(x, w, t, ignore_index=-100, **kw)
+    theirs = F.linear_cross_entropy(x, w, t, ignore_index=-100, **kw)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    if label_smoothing == 0.0:  # torch's chunked path supports no smoothing
+        chunked = F.linear_cross_entropy(
+            x, w, t, ignore_index=-100, options=torch.nn.LinearCrossEntropyOptions(), **kw
+        )
+        torch.testing.assert_close(ours, chunked, atol=1e-5, rtol=1e-5)
+    up = torch.ones_like(ours)
+    for g_ours, g_ref in zip(
+        _grads(ours, (x, w, b), up), _grads(theirs, (x, w, b), up), strict=True
+    ):
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_torchs_own_error(dtype):
+    x64, w64, b64, t = _problem(n=67, h=32, v=203, seed=5)
+    x, w, b = (p.detach().to(dtype).requires_grad_() for p in (x64, w64, b64))
+    ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16)
+    theirs = F.cross_entropy(F.linear(x, w, b), t)
+    exact = _materialised(*(p.detach().double().requires_grad_() for p in (x, w, b)), t)
+    assert ours.dtype == dtype
+    floor = (theirs.double() - exact).abs().item()
+    assert abs(ours.double() - exact).item() <= floor + 1e-3
+    # Gradients: every element within torch's same-dtype error plus a small tolerance.
+    g_ours = _grads(ours, (x, w, b), torch.ones((), dtype=dtype))
+    g_theirs = _grads(theirs, (x, w, b), torch.ones((), dtype=dtype))
+    xd, wd, bd = (p.detach().double().requires_grad_() for p in (x, w, b))
+    g_exact = _grads(
+        _materialised(xd, wd, bd, t), (xd, wd, bd), torch.ones((), dtype=torch.float64)
+    )
+    for go, gt, ge in zip(g_ours, g_theirs, g_exact, strict=True):
+        assert go.dtype == dtype
+        err, err_floor = (go.double() - ge).abs(), (gt.double() - ge).abs()
+        scale = ge.abs().max().item()
+        assert (err <= err_floor + 2e-2 * scale).all()
+
+
+def test_chunk_where_every_token_is_ignored_and_all_ignored():
+    x, w, b, t = _problem(n=12, ignore_every=0, seed=6)
+    t[4:8] = -100  # with chunk_size=4 the second chunk is entirely ignored
+    ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4)
+    ref = _materialised(x, w, b, t)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    for go, gr in zip(_grads(ours, (x, w, b), None), _grads(ref, (x, w, b), None), strict=True):
+        torch.testing.assert_close(go, gr, atol=1e-12, rtol=1e-12)
+    t_all = torch.full_like(t, -100)
+    for reduction in ("mean", "sum", "none"):
+        ours = xent.linear_cross_entropy(x, w, t_all, linear_bias=b, reduction=reduction)
+        ref = F.cross_entropy(F.linear(x, w, b), t_all, reduction=reduction)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+        grads = _grads(ours.sum(), (x, w, b), None)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_gradient_accumulation_with_normalizer_equals_full_batch():
+    x, w, b, t = _problem(n=40, seed=7)
+    full = xent.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+    g_full = _grads(full, (w, b), None)
+    count = (t != -100).sum()  # all target tokens of the whole step
+    total = 0.0
+    acc = [torch.zeros_like(w), torch.zeros_like(b)]
+    for part in torch.arange(40).split(13):  # uneven micro-batches
+        micro = xent.linear_cross_entropy(
+            x[part], w, t[part], linear_bias=b, label_smoothing=0.1, normalizer=count
+        )
+        total = total + micro
+        for a, g in zip(acc, _grads(micro, (w, b), None), strict=True):
+            a += g
+    torch.testing.assert_close(total, full, atol=1e-12, rtol=1e-12)
+    for a, g in zip(acc, g_full, strict=True):
+        torch.testing.assert_close(a, g, atol=1e-12, rtol=1e-12)
+    # A plain number works too, and equals the tensor form.
+    torch.testing.assert_close(
+        xent.linear_cross_entropy(x, w, t, normalizer=25.0),
+        xent.linear_cross_entropy(x, w, t, normalizer=torch.tensor(25.0, dtype=torch.float64)),
+    )
+
+
+def test_k_dimensional_input_and_no_bias():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(19, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 19, (3, 5), generator=gen)
+    t[1, 2] = -100
+    for reduction in ("mean", "none"):
+        ours = xent.linear_cross_entropy(x, w, t, reduction=reduction)
+        ref = F.cross_entropy(F.linear(x, w).flatten(0, 1), t.flatten(), reduction=reduction)
+        assert ours.shape == (() if reduction == "mean" else (3, 5))
+        torch.testing.assert_close(ours.flatten(), ref.flatten(), atol=1e-12, rtol=1e-12)
+        up = torch.ones_like(ours)
+        for go, gr in zip(
+            _grads(ours, (x, w), up), _grads(ref, (x, w), up.reshape(ref.shape)), strict=True
+        ):
+            torch.testing.assert_close(go, gr, atol=1e-12, rtol=1e-12)
+
+
+def test_gradcheck_and_upstream_scaling():
+    x, w, b, t = _problem(n=6, h=3, v=5, seed=9, ignore_every=4)
+
+    def f(x, w, b):
+        return xent.linear_cross_entropy(
+            x, w, t, linear_bias=b, label_smoothing=0.1, z_loss=0.01, chunk_size=4
+        )
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: xent.linear_cross_entropy(
+            x, w, t, linear_bias=b, reduction="none", chunk_size=4
+        ),
+        (x, w, b),
+    )
+
+
+def test_module_form_owns_its_linear_layer():
+    x, _, _, t = _problem(seed=10)
+    torch.manual_seed(0)
+    loss_fn = xent.nn.LinearCrossEntropyLoss(
+        12, 41, bias=True, dtype=torch.float64, label_smoothing=0.1, z_loss=0.0
+    )
+    ours = loss_fn(x, t)
+    ref = F.cross_entropy(loss_fn.linear(x), t, label_smoothing=0.1)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    g_ours = _grads(ours, (loss_fn.linear.weight, loss_fn.linear.bias), None)
+    g_ref = _grads(ref, (loss_fn.linear.weight, loss_fn.linear.bias), None)
+    for go, gr in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(go, gr, atol=1e-12, rtol=1e-12)
+    assert set(loss_fn.state_dict()) == {"linear.weight", "linear.bias"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        (dict(reduction="avg"), ValueError, "'avg'"),
+        (dict(impl="cuda"), ValueError, "impl must be one of"),
+        (dict(normalizer=0.0), ValueError, "normalizer must be a finite number > 0, got 0.0"),
+        (dict(normalizer=5.0, reduction="sum"), ValueError, "reduction='sum'"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(token_weight=torch.ones(3)), ValueError, r"token_weight must have the target's"),
+        (dict(linear_bias=torch.ones(7)), ValueError, r"linear_bias must have shape \(41,\)"),
+    ],
+)
+def test_errors(kwargs, exc, message):
+    x, w, _, t = _problem()
+    with pytest.raises(exc, match=message):
+        xent.linear_cross_entropy(x, w, t, **kwargs)
+
+
+def test_shape_and_range_errors_name_values():
+    x, w, _, t = _problem()
+    with pytest.raises(ValueError, match=r"got \(41, 13\)"):
+        xent.linear_cross_entropy(x, torch.randn(41, 13, dtype=torch.float64), t)
+    with pytest.raises(ValueError, match=r"\(29,\), got \(28,\)"):
+        xent.linear_cross_entropy(x, w, t[:28])
+    t_bad = t.clone()
+    t_bad[3] = 41
+    with pytest.raises(IndexError, match="Target 41 is out of bounds"):
+        xent.linear_cross_entropy(x, w, t_bad)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        xent.linear_cross_entropy(x, w.float(), t)
