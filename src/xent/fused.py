@@ -67,11 +67,12 @@ class LCEParams:
 
 
 def _chunk_logits(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cdtype: torch.dtype
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
-    """``x wᵀ + b`` for one chunk, in the compute dtype (fp32 statistics for bf16/fp16)."""
-    z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
-    return z if z.dtype == cdtype else z.to(cdtype)
+    """``x wᵀ + b`` for one chunk, written into ``out`` (fp32 statistics for bf16/fp16)."""
+    if out.dtype != x.dtype:  # half-precision product, then one rounding-free widening copy
+        return out.copy_(torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()))
+    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
 def _chunked_pass(
@@ -102,16 +103,21 @@ def _chunked_pass(
     grad_x = None
     if need_x:
         grad_x = torch.empty_like(x) if keep is None else torch.zeros_like(x)
-    # ∂L/∂W is a sum over all tokens: accumulate it in fp32 whatever the weight's dtype.
-    grad_w = torch.zeros(w.shape, dtype=cdtype, device=w.device) if need_w else None
+    # ∂L/∂W is a sum over all tokens: accumulate it in fp32 whatever the weight's dtype. The
+    # first chunk overwrites it (beta=0), so it starts uninitialised; an empty batch zeroes it.
+    grad_w = torch.empty(w.shape, dtype=cdtype, device=w.device) if need_w else None
+    if grad_w is not None and n_kept == 0:
+        grad_w.zero_()
     grad_b = torch.zeros(vocab, dtype=cdtype, device=w.device) if need_b else None
     target = opts.target
     step = opts.tokens_per_chunk(vocab)
+    # One logits buffer for all chunks: allocated (and page-faulted) once per call, not per chunk.
+    logits = torch.empty((min(step, n_kept), vocab), dtype=cdtype, device=x.device)
     for start in range(0, n_kept, step):
         stop = min(start + step, n_kept)
         rows = slice(start, stop) if keep is None else keep[start:stop]
         xs = x[rows]
-        z = _chunk_logits(xs, w, b, cdtype)
+        z = _chunk_logits(xs, w, b, logits[: stop - start])
         chunk_loss, chunk_lse = cross_entropy_pass(
             z,
             target[rows],
@@ -132,7 +138,7 @@ def _chunked_pass(
             else:
                 grad_x.index_copy_(0, rows, dx)
         if grad_w is not None:
-            grad_w.addmm_(z.t(), xs if xs.dtype == cdtype else xs.to(cdtype))
+            grad_w.addmm_(z.t(), xs if xs.dtype == cdtype else xs.to(cdtype), beta=start > 0)
         if grad_b is not None:
             grad_b += z.sum(dim=0)
     return loss, lse, grad_x, grad_w, grad_b

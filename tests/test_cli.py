@@ -1,0 +1,94 @@
+"""The xent command line: --version, --help and a tiny `xent bench` run end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import xent
+from xent import bench
+from xent.cli import build_parser
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "xent", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_version_and_help():
+    out = _run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"xent {xent.__version__}"
+    out = _run("--help")
+    assert out.returncode == 0 and "bench" in out.stdout
+
+
+def test_bench_ce_tiny_writes_table_json_csv_and_plot(tmp_path):
+    out = _run(
+        "bench",
+        "ce",
+        "-n",
+        "64",
+        "-c",
+        "100",
+        "--repeat",
+        "2",
+        "--warmup",
+        "1",
+        "--variants",
+        "xent,torch",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--csv",
+        str(tmp_path / "r.csv"),
+        "--plot",
+        str(tmp_path / "r.png"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "xent bench ce" in out.stdout and "torch" in out.stdout
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["variant"] for r in rows] == ["xent", "torch"]
+    for r in rows:
+        assert r["total_min_s"] > 0 and r["total_min_s"] <= r["total_median_s"]
+        assert len(r) > 10 and r["shape"] == "N=64 C=100"
+        assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0
+    assert rows[0]["speedup_of_xent"] == 1.0
+    with open(tmp_path / "r.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == ["xent", "torch"]
+    assert float(table[1]["total_min_s"]) == rows[1]["total_min_s"]
+    png = (tmp_path / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_bench_lce_measures_without_memory_in_process(capsys):
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "lce",
+            "-n",
+            "32",
+            "--hidden",
+            "8",
+            "-c",
+            "50",
+            "--repeat",
+            "1",
+            "--warmup",
+            "1",
+            "--variants",
+            "xent,torch",
+            "--no-memory",
+        ]
+    )
+    assert bench.run(args) == 0
+    assert "xent bench lce" in capsys.readouterr().out
+
+
+def test_memory_probe_sees_the_gradient():
+    cfg = bench.Config(case="ce", n=512, c=4096, variants=["xent"], warmup=1)
+    extra = bench.measure_peak_memory(cfg, "xent")
+    # One fp32 gradient of 512 × 4096 is 8 MiB; xent should need about that and not 3×.
+    assert 6 * 2**20 <= extra <= 16 * 2**20
