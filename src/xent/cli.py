@@ -1,12 +1,22 @@
-"""The ``xent`` command line: ``xent bench`` (and ``--version``, ``--help``)."""
+"""The ``xent`` command line: ``explain``, ``plot``, ``bench`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 import xent
+
+# name -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int;
+# heavy imports (matplotlib) wait inside run.
+SUBCOMMANDS = {
+    "explain": ("xent.explain", "show every step of a loss: the seed examples or your numbers"),
+    "plot": ("xent.plots", "draw the figures that explain the losses (PNG files)"),
+    "bench": ("xent.bench", "time and peak memory of xent against torch and torch.compile"),
+    "demo": ("xent.demo", "train a small language model with xent and with torch, side by side"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,16 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"xent {xent.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    from xent import bench
-
-    bench_parser = sub.add_parser(
-        "bench",
-        help="time and peak memory of xent against torch and torch.compile",
-        description=bench.__doc__.split("\n\n")[0],
-    )
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(run=bench.run)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        child = sub.add_parser(name, help=help_text, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(child)
+        child.set_defaults(run=module.run)
     return parser
 
 
