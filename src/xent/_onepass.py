@@ -34,6 +34,7 @@ from xent._validation import compute_dtype
 # Measured with `xent bench ce` on a 2-core AMD EPYC (AVX-512): 1–8 MiB were within 5 % of each
 # other; 64 KiB was 1.8× slower.
 CHUNK_BYTES = 4 << 20
+LOG2E = 1.4426950408889634  # 1 / ln 2
 
 
 @dataclass(frozen=True)
@@ -230,16 +231,18 @@ def cross_entropy_pass(
             gs is not None and gs.dtype == cdtype and not (inplace and grad_target_out is not None)
         )
         e = gs if direct else scratch.get("exp", n)
+        # exp(z - m) is computed as 2^((z - m)·log2 e): torch's exp2 is ~3× faster than its exp
+        # on CPUs with AVX-512 (measured here), which pays for the extra multiply. The difference
+        # z - m is formed first, so the max entry is exactly 0 and exp2 of it exactly 1; the
+        # rounding of the product adds a relative error of at most |z - m|·2⁻²⁴ to each term.
+        shift = m if m is not None else lse_in[start:stop, None]
+        torch.sub(z, shift, out=e)
+        e.mul_(LOG2E).exp2_()
         if m is not None:
-            torch.sub(z, m, out=e)
-            e.exp_()
             s = e.sum(dim=1, keepdim=True)
             lse = m + s.log()
         else:
-            lse = lse_in[start:stop, None]
-            torch.sub(z, lse, out=e)
-            e.exp_()  # already normalised: e = p
-            s = None
+            lse, s = shift, None  # e is already normalised: e = p
         lse_all[start:stop] = lse.squeeze(1)
 
         if probs:
