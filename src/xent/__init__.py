@@ -6,7 +6,7 @@ gradients. ``xent.nn`` holds the module wrappers; ``xent.linear_cross_entropy`` 
 layer with its cross-entropy without storing the logits.
 """
 
-from xent import nn
+from xent import distributed, nn
 from xent.activation import log_softmax, logsumexp, softmax
 from xent.binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from xent.classification import cross_entropy, nll_loss
@@ -22,6 +22,7 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distributed",
     "entropy",
     "huber_loss",
     "kl_div",

@@ -1,0 +1,157 @@
+"""Vocabulary-parallel losses on 2 and 3 CPU processes (gloo) against single-process xent."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import xent
+from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+N, H, V = 23, 6, 31
+SPLITS = {2: [13, 18], 3: [7, 15, 9]}  # uneven slices of the 31 classes
+OPTIONS = [
+    dict(reduction=r, label_smoothing=e, z_loss=z, ignore_index=i)
+    for r, e, z, i in itertools.product(["mean", "sum", "none"], [0.0, 0.2], [0.0, 0.01], [-100, 4])
+]
+
+
+def _problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, H, generator=gen, dtype=torch.float64)
+    w = torch.randn(V, H, generator=gen, dtype=torch.float64)
+    b = torch.randn(V, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[::5] = -100
+    t[1::7] = 4
+    up = torch.randn(N, generator=gen, dtype=torch.float64)
+    return x, w, b, t, up
+
+
+def _target_for(t: torch.Tensor, opts: dict) -> torch.Tensor:
+    """The problem's targets with its ignored ones spelled as this option set's ignore_index."""
+    return torch.where(t == -100, opts["ignore_index"], t)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    x, w, b, t_base, up = _problem()
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    results = []
+    for opts in OPTIONS:
+        upstream = up if opts["reduction"] == "none" else torch.tensor(0.7, dtype=torch.float64)
+        t = _target_for(t_base, opts)
+        logits = (x @ w.t() + b)[:, rows].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(logits, t, **opts)
+        (g_logits,) = torch.autograd.grad(loss, logits, upstream)
+        xi = x.clone().requires_grad_()
+        wi = w[rows].clone().requires_grad_()
+        bi = b[rows].clone().requires_grad_()
+        # Explicit vocab_start on odd calls, derived from the slice sizes on even ones.
+        vs = start if len(results) % 2 else None
+        loss2 = vocab_parallel_linear_cross_entropy(
+            xi, wi, t, linear_bias=bi, vocab_start=vs, chunk_size=5, **opts
+        )
+        grads = torch.autograd.grad(loss2, (xi, wi, bi), upstream)
+        results.append((loss.detach(), g_logits, loss2.detach(), *grads))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process(world, tmp_path):
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    x, w, b, t_base, up = _problem()
+    sizes = SPLITS[world]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for k, opts in enumerate(OPTIONS):
+        upstream = up if opts["reduction"] == "none" else torch.tensor(0.7, dtype=torch.float64)
+        t = _target_for(t_base, opts)
+        logits = (x @ w.t() + b).requires_grad_()
+        ref = xent.cross_entropy(logits, t, **opts)
+        (g_ref,) = torch.autograd.grad(ref, logits, upstream)
+        xr, wr, br = (p.clone().requires_grad_() for p in (x, w, b))
+        ref2 = xent.linear_cross_entropy(xr, wr, t, linear_bias=br, **opts)
+        gx, gw, gb = torch.autograd.grad(ref2, (xr, wr, br), upstream)
+        for r in range(world):
+            loss, g_logits, loss2, g_x, g_w, g_b = per_rank[r][k]
+            rows = slice(sum(sizes[:r]), sum(sizes[: r + 1]))
+            torch.testing.assert_close(loss, ref.detach(), atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(g_logits, g_ref[:, rows], atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(loss2, ref2.detach(), atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(g_x, gx, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(g_w, gw[rows], atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(g_b, gb[rows], atol=1e-12, rtol=1e-12)
+
+
+def _error_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    messages = []
+    for call in (
+        lambda: vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 9, 1])),
+        lambda: vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1])),
+        lambda: vocab_parallel_cross_entropy(
+            torch.randn(3, 4), torch.tensor([0, 1, 2]), vocab_start=7
+        ),
+    ):
+        try:
+            call()
+            messages.append("no error")
+        except (IndexError, ValueError) as err:
+            messages.append(f"{type(err).__name__}: {err}")
+    torch.save(messages, os.path.join(out_dir, f"err{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_errors_name_the_offending_values(tmp_path):
+    mp.spawn(_error_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    messages = torch.load(tmp_path / "err0.pt")
+    assert messages[0] == "IndexError: Target 9 is out of bounds."
+    assert messages[1].startswith("ValueError: target must have shape (3,), got (2,)")
+    assert messages[2].startswith("ValueError: vocab_start=7 does not fit a slice of 4 classes")
+
+
+def test_torchrun_example_trains_and_agrees_with_single_process():
+    import pathlib
+    import subprocess
+    import sys
+
+    example = pathlib.Path(__file__).parents[1] / "examples" / "vocab_parallel_train.py"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            f"--master-port={_free_port()}",
+            str(example),
+            "--steps",
+            "4",
+            "--vocab",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "step   3" in out.stdout
+    last = out.stdout.strip().splitlines()[-1]
+    assert "difference" in last and float(last.rsplit(" ", 1)[1]) < 1e-4
