@@ -245,110 +245,99 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCE.apply(logits, target, opts)
 
 
-class _VocabParallelLinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, target, opts):
-        group, start, vocab, ignore_index, reduction, eps, zeta, chunk = opts
-        cdtype = compute_dtype(x.dtype)
-        setup = _Setup(target, start, w.shape[0], ignore_index, reduction, cdtype)
-        scalar = reduction != "none"
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = torch.zeros(x.shape, dtype=cdtype, device=x.device) if scalar and need_x else None
-        grad_w = torch.zeros(w.shape, dtype=cdtype, device=w.device) if scalar and need_w else None
-        grad_b = (
-            torch.zeros(w.shape[0], dtype=cdtype, device=w.device) if scalar and need_b else None
-        )
-        losses, lses = [], []
-        # Every rank walks the same token chunks, so the collectives pair up across ranks.
-        for lo in range(0, x.shape[0], chunk):
-            hi = min(lo + chunk, x.shape[0])
-            xs = x[lo:hi].to(cdtype)
-            z = xs @ w.to(cdtype).t()
-            if b is not None:
-                z += b.to(cdtype)
-            _, e, stats, lse = _token_stats(
-                z, setup.local_target[lo:hi], setup.is_local[lo:hi], group, eps > 0
+def _linear_chunks(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    setup: _Setup,
+    opts: tuple,
+    coef: torch.Tensor | None,
+    need: tuple[bool, bool, bool],
+    lse_in: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Walk the tokens in chunks: per-token loss and lse, and (if ``coef``) the gradients.
+
+    Without ``lse_in`` each chunk's statistics are combined across ranks (every rank walks the
+    same chunks, so the collectives pair up); with it (the recomputing backward of ``"none"``)
+    the chunk needs no communication. The input gradient is all-reduced at the end: the input
+    feeds every rank's slice, so its gradient is the sum of their parts.
+    """
+    group, _, vocab, _, _, eps, zeta, chunk = opts
+    cdtype = compute_dtype(x.dtype)
+    need_x, need_w, need_b = need if coef is not None else (False, False, False)
+    grad_x = torch.zeros(x.shape, dtype=cdtype, device=x.device) if need_x else None
+    grad_w = torch.zeros(w.shape, dtype=cdtype, device=w.device) if need_w else None
+    grad_b = torch.zeros(w.shape[0], dtype=cdtype, device=w.device) if need_b else None
+    w_c = w.to(cdtype)
+    losses, lses = [], []
+    for lo in range(0, x.shape[0], chunk):
+        hi = min(lo + chunk, x.shape[0])
+        rows = slice(lo, hi)
+        xs = x[rows].to(cdtype)
+        z = xs @ w_c.t()
+        if b is not None:
+            z += b.to(cdtype)
+        if lse_in is None:
+            _, p, stats, lse = _token_stats(
+                z, setup.local_target[rows], setup.is_local[rows], group, eps > 0
             )
             losses.append(_token_loss(stats, lse, vocab, eps, zeta))
             lses.append(lse)
-            if not scalar:
+            if coef is None:
                 continue
-            e.div_(stats[_SUM_EXP][:, None])
-            dz = _logit_grad(
-                e,
-                lse,
-                setup.coef[lo:hi],
-                setup.local_target[lo:hi],
-                setup.is_local[lo:hi],
-                vocab,
-                eps,
-                zeta,
-            )
-            if grad_x is not None:
-                grad_x[lo:hi] = dz @ w.to(cdtype)
-            if grad_w is not None:
-                grad_w.addmm_(dz.t(), xs)
-            if grad_b is not None:
-                grad_b += dz.sum(dim=0)
+            p.div_(stats[_SUM_EXP][:, None])  # exp(z - m) / s = softmax over the whole vocabulary
+        else:
+            lse = lse_in[rows]
+            p = z.sub_(lse[:, None]).exp_()
+        dz = _logit_grad(
+            p, lse, coef[rows], setup.local_target[rows], setup.is_local[rows], vocab, eps, zeta
+        )
         if grad_x is not None:
-            # The input feeds every rank's slice: its gradient is the sum of their parts.
-            dist.all_reduce(grad_x, group=group)
-        loss = torch.cat(losses) if losses else torch.zeros(0, dtype=cdtype, device=x.device)
-        out = _reduce(loss, setup, reduction)
-        ctx.opts, ctx.setup, ctx.grads = opts, setup, (grad_x, grad_w, grad_b)
-        lse = torch.cat(lses) if lses else loss
+            grad_x[rows] = dz @ w_c
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), xs)
+        if grad_b is not None:
+            grad_b += dz.sum(dim=0)
+    if grad_x is not None:
+        dist.all_reduce(grad_x, group=group)
+    empty = torch.zeros(0, dtype=cdtype, device=x.device)
+    loss = torch.cat(losses) if losses else empty
+    lse_all = torch.cat(lses) if lses else empty
+    return loss, lse_all, (grad_x, grad_w, grad_b)
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, target, opts):
+        reduction = opts[4]
+        setup = _Setup(target, opts[1], w.shape[0], opts[3], reduction, compute_dtype(x.dtype))
+        coef = setup.coef if reduction != "none" else None  # scalar: gradients right away
+        loss, lse, grads = _linear_chunks(
+            x, w, b, setup, opts, coef, tuple(ctx.needs_input_grad[:3])
+        )
+        ctx.opts, ctx.setup, ctx.grads = opts, setup, grads
         ctx.save_for_backward(x, w, b, lse)
-        return out.to(x.dtype)
+        return _reduce(loss, setup, reduction).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w, b, lse = ctx.saved_tensors
-        group, _, vocab, _, reduction, eps, zeta, chunk = ctx.opts
         setup: _Setup = ctx.setup
         g = grad_out.to(lse.dtype)
-        grad_x, grad_w, grad_b = ctx.grads
-        ctx.grads = (None, None, None)
-        if reduction == "none":
+        grads, ctx.grads = ctx.grads, (None, None, None)
+        if ctx.opts[4] == "none":
             coef = setup.coef * g.reshape(-1)
-            cdtype = lse.dtype
-            need_x, need_w, need_b = ctx.needs_input_grad[:3]
-            grad_x = torch.zeros(x.shape, dtype=cdtype, device=x.device) if need_x else None
-            grad_w = torch.zeros(w.shape, dtype=cdtype, device=w.device) if need_w else None
-            grad_b = torch.zeros(w.shape[0], dtype=cdtype, device=w.device) if need_b else None
-            for lo in range(0, x.shape[0], chunk):
-                hi = min(lo + chunk, x.shape[0])
-                xs = x[lo:hi].to(cdtype)
-                z = xs @ w.to(cdtype).t()
-                if b is not None:
-                    z += b.to(cdtype)
-                p = z.sub_(lse[lo:hi, None]).exp_()
-                dz = _logit_grad(
-                    p,
-                    lse[lo:hi],
-                    coef[lo:hi],
-                    setup.local_target[lo:hi],
-                    setup.is_local[lo:hi],
-                    vocab,
-                    eps,
-                    zeta,
-                )
-                if grad_x is not None:
-                    grad_x[lo:hi] = dz @ w.to(cdtype)
-                if grad_w is not None:
-                    grad_w.addmm_(dz.t(), xs)
-                if grad_b is not None:
-                    grad_b += dz.sum(dim=0)
-            if grad_x is not None:
-                dist.all_reduce(grad_x, group=group)
-        elif all(grad is None for grad in (grad_x, grad_w, grad_b)):
+            _, _, grads = _linear_chunks(
+                x, w, b, setup, ctx.opts, coef, tuple(ctx.needs_input_grad[:3]), lse_in=lse
+            )
+        elif all(grad is None for grad in grads):
             raise RuntimeError(
                 "vocab_parallel_linear_cross_entropy formed its gradients in the forward pass "
                 "and a first backward consumed them; recompute the loss to backward again"
             )
         else:
-            grad_x = None if grad_x is None else grad_x.mul_(g)
-            grad_w = None if grad_w is None else grad_w.mul_(g)
-            grad_b = None if grad_b is None else grad_b.mul_(g)
+            grads = tuple(None if grad is None else grad.mul_(g) for grad in grads)
+        grad_x, grad_w, grad_b = grads
         return (
             None if grad_x is None else grad_x.to(x.dtype),
             None if grad_w is None else grad_w.to(w.dtype),
