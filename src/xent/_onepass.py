@@ -22,7 +22,9 @@ A reduction enters as one coefficient per row, ``c_i = ∂L/∂l_i``, known befo
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,7 @@ class CEParams:
     z_loss: float = 0.0
     softcap: float | None = None
     chunk_rows: int | None = None
+    impl: str = "torch"  # "torch" (this module) or "triton" (xent._triton_ce)
 
     def options(self) -> list[float]:
         """The numeric options as a flat list, the form ``torch.library`` operators accept."""
@@ -56,13 +59,15 @@ class CEParams:
             self.z_loss,
             0.0 if self.softcap is None else self.softcap,
             0.0 if self.chunk_rows is None else float(self.chunk_rows),
+            1.0 if self.impl == "triton" else 0.0,
         ]
 
     @classmethod
     def from_options(cls, reduction: str, options: list[float]) -> CEParams:
         """Inverse of :meth:`options`."""
-        ignore_index, eps, zeta, cap, rows = options
-        return cls(int(ignore_index), reduction, eps, zeta, cap or None, int(rows) or None)
+        ignore_index, eps, zeta, cap, rows, triton = options
+        impl = "triton" if triton else "torch"
+        return cls(int(ignore_index), reduction, eps, zeta, cap or None, int(rows) or None, impl)
 
     def rows_per_chunk(self, num_classes: int) -> int:
         if self.chunk_rows is not None:
@@ -290,3 +295,37 @@ def cross_entropy_pass(
         if not direct:
             gs.copy_(e)
     return loss, lse_all
+
+
+def pass_for(params: CEParams) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The kernel that runs ``params``: :func:`cross_entropy_pass` or its Triton twin."""
+    if params.impl == "triton":
+        from xent._triton_ce import cross_entropy_pass_triton  # Triton is imported on demand
+
+        return cross_entropy_pass_triton
+    return cross_entropy_pass
+
+
+def resolve_impl(impl: str, x: torch.Tensor, choices: tuple[str, ...]) -> str:
+    """``"auto"`` → ``"triton"`` on CUDA when Triton is installed, else ``"torch"``; checks."""
+    if impl not in choices:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, choices))}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if x.is_cuda and _triton_available() else "torch"
+    if impl == "triton":
+        if not _triton_available():
+            raise ValueError("impl='triton' needs the triton package (pip install 'xent[gpu]')")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"impl='triton' runs on CUDA tensors (got a {x.device.type} tensor); set "
+                "TRITON_INTERPRET=1 to run the kernels through Triton's interpreter instead"
+            )
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

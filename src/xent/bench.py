@@ -90,12 +90,23 @@ def _ce_case(cfg: Config) -> Case:
 
     variants = {
         "xent": lambda inp: xent.cross_entropy(inp["x"], inp["target"], reduction=red),
+        "xent[torch]": lambda inp: xent.cross_entropy(
+            inp["x"], inp["target"], reduction=red, impl="torch"
+        ),
         "torch": lambda inp: F.cross_entropy(inp["x"], inp["target"], reduction=red),
         "torch.compile": compiled,
+        "liger": lambda inp: _liger().liger_cross_entropy(inp["x"], inp["target"], reduction=red),
     }
     # Reads the logits once and writes their gradient once.
     moved = 2 * x.numel() * x.element_size()
     return Case({"x": x, "target": target}, variants, ["x"], moved)
+
+
+def _liger():
+    """Liger-Kernel's functional API (a peer measured on CUDA; imported only when asked for)."""
+    from liger_kernel.transformers import functional
+
+    return functional
 
 
 _COMPILED: dict[Callable, Callable] = {}
@@ -130,10 +141,20 @@ def _lce_case(cfg: Config) -> Case:
             options=torch.nn.LinearCrossEntropyOptions(),
         )
 
+    def cce(inp):
+        # cut-cross-entropy's exact mode (no gradient filtering), labels ignored at -100.
+        from cut_cross_entropy import linear_cross_entropy as cce_lce
+
+        return cce_lce(inp["x"], inp["w"], inp["target"], reduction=red, impl="cce_exact")
+
     variants = {
         "xent": lambda inp: xent.linear_cross_entropy(
             inp["x"], inp["w"], inp["target"], reduction=red
         ),
+        "liger": lambda inp: _liger().liger_fused_linear_cross_entropy(
+            inp["x"], inp["w"], inp["target"], reduction=red
+        ),
+        "cce": cce,
         "torch": eager,
         "torch.compile": lambda inp: _compiled(eager)(inp),
         "torch.chunked": torch_chunked,
@@ -408,6 +429,11 @@ DEFAULT_VARIANTS = {
     "ce": ["xent", "torch", "torch.compile"],
     "lce": ["xent", "torch", "torch.compile", "torch.chunked"],
 }
+# On CUDA the peers that only run there join, and xent's torch kernel is shown beside Triton's.
+CUDA_VARIANTS = {
+    "ce": ["xent", "xent[torch]", "torch", "torch.compile", "liger"],
+    "lce": ["xent", "torch", "torch.compile", "torch.chunked", "liger", "cce"],
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -447,7 +473,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.case not in CASES:
         raise SystemExit(f"unknown case {args.case!r}; choose one of {', '.join(sorted(CASES))}")
-    variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS[args.case]
+    defaults = CUDA_VARIANTS if args.device.startswith("cuda") else DEFAULT_VARIANTS
+    variants = args.variants.split(",") if args.variants else defaults[args.case]
     cfg = Config(
         args.case,
         args.n,

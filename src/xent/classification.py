@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from xent._onepass import CEParams, cross_entropy_pass, empty_buffer
+from xent._onepass import CEParams, empty_buffer, pass_for, resolve_impl
 from xent._validation import (
     Reduction,
     check_label_smoothing,
@@ -118,6 +118,9 @@ def _check_prob_target(input: torch.Tensor, target: torch.Tensor, ignore_index: 
             f"ignore_index={ignore_index} is not supported for probability targets "
             "(a floating target with the input's shape)"
         )
+
+
+IMPLS = ("auto", "torch", "triton")
 
 
 def _check_z_loss(z_loss: float) -> float:
@@ -304,7 +307,7 @@ def _forward_impl(
         grad_x = x if inplace else empty_buffer(tuple(x.shape), x)
     if scalar and need_q:
         grad_q = empty_buffer(tuple(target.shape), target)
-    loss, lse = cross_entropy_pass(
+    loss, lse = pass_for(params)(
         x, target, weight, coef, params, grad_out=grad_x, grad_target_out=grad_q
     )
     if params.reduction == "mean":
@@ -353,7 +356,7 @@ class _CrossEntropy(torch.autograd.Function):
         if params.reduction == "none":
             # Only the log-sum-exp was kept: one more pass forms c_i g_i ∂l_i/∂x from it.
             grads = _empty_grads(x, target, need_x, need_q)
-            cross_entropy_pass(
+            pass_for(params)(
                 x,
                 target,
                 weight,
@@ -372,7 +375,7 @@ class _CrossEntropy(torch.autograd.Function):
             # A second backward through a retained graph: form the same buffers again, by the
             # same arithmetic, so repeated backwards agree bit for bit.
             grad_x, grad_q = _empty_grads(x, target, need_x, need_q)
-            cross_entropy_pass(
+            pass_for(params)(
                 x, target, weight, coef, params, grad_out=grad_x, grad_target_out=grad_q
             )
         # On CPU reading g is free, and skipping the multiply by 1 saves a pass over M × C.
@@ -432,7 +435,7 @@ def _cross_entropy_bwd_op(x, target, weight, lse, coef, reduction, options, need
     params = CEParams.from_options(reduction, options)
     grad_x = torch.empty_like(x) if need[0] else x.new_empty(0)
     grad_q = torch.empty_like(target) if need[1] else x.new_empty(0)
-    cross_entropy_pass(
+    pass_for(params)(
         x,
         target,
         weight,
@@ -560,6 +563,7 @@ def cross_entropy(
     softcap: float | None = None,
     inplace_backward: bool = False,
     chunk_size: int | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy between logits and class indices or class probabilities.
 
@@ -590,6 +594,23 @@ def cross_entropy(
             outside ``[0, C)``. Probability targets accept only negative values (unused).
         reduction: ``"none"`` (shape of a class-index target), ``"mean"`` or ``"sum"`` (scalars).
         label_smoothing: ``ε`` in ``[0, 1]``.
+        z_loss: ``ζ ≥ 0`` (keyword-only): adds ``ζ · lse(x)²`` to each counted element's loss
+            (PaLM's auxiliary loss; ``lse`` the log-sum-exp over classes); under ``"mean"`` it
+            shares the cross-entropy's denominator.
+        softcap: ``s > 0`` (keyword-only): the logits are replaced by ``s · tanh(x / s)`` before
+            everything else (Gemma 2); the gradient includes the ``1 - tanh²`` factor.
+        inplace_backward: opt-in (keyword-only), 2-D inputs, scalar reductions: the gradient is
+            written **into the logits buffer**, which is overwritten during the forward call, so
+            no gradient-sized memory is allocated. Only for logits nothing else needs afterwards;
+            double backward is then impossible.
+        chunk_size: rows per chunk of the one-pass kernel (keyword-only; default: ~4 MiB of
+            logits). Changes nothing but speed.
+        impl: ``"auto"`` (Triton on CUDA when installed, else the torch kernel), ``"torch"`` or
+            ``"triton"`` (CUDA tensors, or any tensors with ``TRITON_INTERPRET=1``).
+
+    For ``"mean"``/``"sum"`` the gradient is formed in the forward pass, in one pass over the
+    logits, and backward only scales it by the upstream gradient; for ``"none"`` the forward
+    keeps the per-row log-sum-exp and backward recomputes the softmax from it.
 
     Returns:
         The loss in ``input``'s dtype. All targets ignored: ``"mean"`` is NaN (with a zero
@@ -631,6 +652,7 @@ def cross_entropy(
         _check_z_loss(z_loss),
         _check_softcap(softcap),
         _check_chunk_size(chunk_size),
+        resolve_impl(impl, input, IMPLS),
     )
     if target.shape == input.shape:
         _check_prob_target(input, target, ignore_index)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xent._onepass import CEParams, cross_entropy_pass
+from xent._onepass import CEParams, pass_for, resolve_impl
 from xent._validation import Reduction, check_label_smoothing, check_reduction, compute_dtype
 from xent.activation import logsumexp
 from xent.classification import (
@@ -118,7 +118,7 @@ def _chunked_pass(
         rows = slice(start, stop) if keep is None else keep[start:stop]
         xs = x[rows]
         z = _chunk_logits(xs, w, b, logits[: stop - start])
-        chunk_loss, chunk_lse = cross_entropy_pass(
+        chunk_loss, chunk_lse = pass_for(opts.ce)(
             z,
             target[rows],
             opts.class_weight,
@@ -236,7 +236,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # Validation
 # --------------------------------------------------------------------------------------------
 
-IMPLS = ("auto", "torch", "reference")
+IMPLS = ("auto", "torch", "triton", "reference")
 
 
 def _check_linear_args(
@@ -423,8 +423,10 @@ def linear_cross_entropy(
             one-element tensor (never read on the host).
         token_weight: optional ``(...)`` per-token weights.
         chunk_size: tokens per chunk; default: as many as fit 48 MiB of fp32 logits.
-        impl: ``"auto"`` (the chunked path), ``"torch"`` (the same, explicitly) or
-            ``"reference"`` (materialise the logits: :func:`linear_cross_entropy_reference`).
+        impl: ``"auto"`` (the chunked path; its logits-to-gradient kernel in Triton on CUDA
+            when installed), ``"torch"`` or ``"triton"`` (that kernel chosen explicitly; the
+            matrix products are torch's, cuBLAS on GPUs), or ``"reference"`` (materialise the
+            logits: :func:`linear_cross_entropy_reference`).
 
     Returns:
         The loss in ``input``'s dtype: a scalar, or ``target``'s shape for ``"none"``.
@@ -447,12 +449,18 @@ def linear_cross_entropy(
     """
     check_reduction(reduction)
     eps = check_label_smoothing(label_smoothing)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    kernel = "torch" if impl == "reference" else resolve_impl(impl, input, IMPLS)
     _check_linear_args(input, linear_weight, target, linear_bias, token_weight)
     _check_weight(weight, linear_weight.shape[0])
     norm = _check_normalizer(normalizer, reduction)
-    ce = CEParams(int(ignore_index), reduction, eps, _check_z_loss(z_loss), _check_softcap(softcap))
+    ce = CEParams(
+        int(ignore_index),
+        reduction,
+        eps,
+        _check_z_loss(z_loss),
+        _check_softcap(softcap),
+        impl=kernel,
+    )
     chunk = _check_chunk_size(chunk_size)
     flat_target = target.reshape(-1)
     _check_target_range(flat_target, linear_weight.shape[0], ignore_index)

@@ -1,0 +1,219 @@
+"""Triton kernels for the one-pass cross-entropy: one program per row of logits.
+
+The contract is that of :func:`xent._onepass.cross_entropy_pass` (same arguments, same results),
+so every caller (``cross_entropy``, ``linear_cross_entropy``) switches backends by choosing which
+of the two functions to call. Imported only when ``impl="triton"`` is used; with
+``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (that is how they are tested without a
+GPU).
+
+Per row the kernel reads the logits twice, never writing anything but the results:
+
+* pass 1, block by block: the running max ``m`` and the sum of exponentials rescaled whenever
+  the max grows (``s ← s·e^{m_old - m_new} + Σ e^{z - m_new}``: an *online* log-sum-exp, so the row
+  is never held whole), the target logit and, for label smoothing, ``Σ_c w_c z_c``;
+* pass 2 (only when a gradient is wanted): ``∂l/∂z_j = c (p_j A - B_j)`` with ``p = e^{z - lse}``,
+  written in the output dtype, straight over the logits if asked (in place).
+
+The algebra (``A``, ``B``, z-loss, soft-capping) is the one derived in :mod:`xent._onepass`.
+Offsets are int64 (``row * stride`` overflows int32 past 2³¹ elements) and nothing is read back
+to the host, so a launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from xent._onepass import CEParams, cross_entropy_pass
+
+# Columns per block: the whole row up to this size (fewest passes), and the warps to run it.
+# Block sizes are powers of two; 4096 fp32 columns per block keeps a block in registers across
+# 8 warps on Hopper-class GPUs. (Tests lower MAX_BLOCK to exercise many blocks per row.)
+MAX_BLOCK = 4096
+WARPS = {1024: 4, 4096: 8}
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 - 2 / (e^{2u} + 1): exact limits ±1 when e^{2u} overflows to inf or underflows.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _ce_row_kernel(
+    X,
+    stride_x,
+    T,
+    W,
+    W_SUM,
+    COEF,
+    LOSS,
+    LSE,
+    LSE_IN,
+    G,
+    stride_g,
+    OPTS,
+    V,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    # ε, ζ and the cap arrive in a small tensor of the compute dtype: scalar arguments would be
+    # fp32, and fp64 inputs are computed in fp64 throughout.
+    eps = tl.load(OPTS).to(ACC)
+    zeta = tl.load(OPTS + 1).to(ACC)
+    softcap = tl.load(OPTS + 2).to(ACC)
+    x_row = X + row * stride_x
+    y = tl.load(T + row).to(tl.int64)
+    valid = y != ignore_index
+    y_safe = tl.where(valid, y, 0)
+    z_y = tl.load(x_row + y_safe).to(ACC)
+    if HAS_SOFTCAP:
+        z_y = softcap * _tanh(z_y / softcap)
+    w_y = 1.0
+    w_sum = V * 1.0
+    if HAS_WEIGHT:
+        w_y = tl.load(W + y_safe).to(ACC)
+        w_sum = tl.load(W_SUM).to(ACC)
+    w_y = tl.where(valid, w_y, 0.0)
+
+    if HAS_LSE:
+        lse = tl.load(LSE_IN + row).to(ACC)
+    else:
+        m = tl.full((), float("-inf"), ACC)
+        s = tl.zeros((), ACC)
+        wz = tl.zeros((), ACC)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            z = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            z = tl.where(mask, z, float("-inf"))  # lanes past the row end take no part
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # An all -inf row so far is shifted by 0: exp(-inf - 0) = 0, never -inf - (-inf).
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+            m = m_new
+            if SMOOTH:
+                z_in = tl.where(mask, z, 0.0)
+                if HAS_WEIGHT:
+                    z_in *= tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                wz += tl.sum(z_in, axis=0)
+        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+        loss = (1.0 - eps) * w_y * (lse - z_y) + zeta * lse * lse
+        if SMOOTH:
+            loss += (eps / V) * (lse * w_sum - wz)
+        tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+        tl.store(LSE + row, lse)
+
+    if WRITE_GRAD:
+        c = tl.load(COEF + row).to(ACC)
+        a = c * ((1.0 - eps) * w_y + zeta * 2.0 * lse)
+        if SMOOTH:
+            a += c * (eps / V) * w_sum
+        g_row = G + row * stride_g
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                z = softcap * t
+            else:
+                z = x
+            g = tl.exp(z - lse) * a
+            g -= tl.where(cols == y_safe, c * (1.0 - eps) * w_y, 0.0)
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    g -= c * (eps / V) * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                else:
+                    g -= c * (eps / V)
+            if HAS_SOFTCAP:
+                g *= 1.0 - t * t  # ∂z/∂x through z = s·tanh(x/s)
+            tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+
+
+def _block_and_warps(vocab: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK, triton.next_power_of_2(max(vocab, 16)))
+    warps = next((w for limit, w in sorted(WARPS.items()) if block <= limit), 8)
+    return block, warps
+
+
+def cross_entropy_pass_triton(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    row_coef: torch.Tensor | None,
+    params: CEParams,
+    *,
+    lse_in: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+    grad_target_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`xent._onepass.cross_entropy_pass` on Triton: same arguments, same results.
+
+    Probability targets, which need a second ``M × C`` input, run the torch kernel instead.
+    """
+    if target.dim() == 2 or grad_target_out is not None:
+        return cross_entropy_pass(
+            x,
+            target,
+            weight,
+            row_coef,
+            params,
+            lse_in=lse_in,
+            grad_out=grad_out,
+            grad_target_out=grad_target_out,
+        )
+    rows, vocab = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    loss = torch.empty(rows, dtype=acc, device=x.device)
+    lse = lse_in if lse_in is not None else torch.empty(rows, dtype=acc, device=x.device)
+    w = None if weight is None else weight.to(device=x.device, dtype=acc).contiguous()
+    w_sum = None if w is None else w.sum().reshape(1)
+    if grad_out is not None and grad_out.stride(1) != 1:
+        raise ValueError("the gradient buffer must have contiguous rows")
+    if rows == 0:
+        return loss, lse
+    block, warps = _block_and_warps(vocab)
+    _ce_row_kernel[(rows,)](
+        x,
+        x.stride(0),
+        target,
+        w,
+        w_sum,
+        row_coef,
+        loss,
+        lse,
+        lse,
+        grad_out,
+        0 if grad_out is None else grad_out.stride(0),
+        torch.tensor(
+            [params.label_smoothing, params.z_loss, params.softcap or 1.0],
+            dtype=acc,
+            device=x.device,
+        ),
+        vocab,
+        params.ignore_index,
+        HAS_WEIGHT=w is not None,
+        HAS_SOFTCAP=params.softcap is not None,
+        SMOOTH=params.label_smoothing > 0.0,
+        HAS_LSE=lse_in is not None,
+        WRITE_GRAD=grad_out is not None,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    if lse_in is not None:
+        loss.zero_()  # the loss is not recomputed from a given lse (backward never needs it)
+    return loss, lse
