@@ -230,11 +230,15 @@ def vocab_parallel_cross_entropy(
     Equals ``xent.cross_entropy(torch.cat(all ranks' logits, dim=1), target, ...)``; each rank's
     gradient is the matching column block of that function's gradient.
 
-    Example (on each of the ranks of an initialised process group)::
+    Example (a one-rank group here; with several ranks each passes its own slice)::
 
-        logits_local = model_head_slice(hidden)              # (N, V_local)
-        loss = xent.distributed.vocab_parallel_cross_entropy(logits_local, target)
-        loss.backward()
+        >>> import tempfile, torch, torch.distributed as dist, xent
+        >>> store = tempfile.NamedTemporaryFile(delete=False).name
+        >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        >>> logits = torch.tensor([[2.0, 0.5, -1.0]], requires_grad=True)
+        >>> xent.distributed.vocab_parallel_cross_entropy(logits, torch.tensor([0]))
+        tensor(0.2413, grad_fn=<_VocabParallelCEBackward>)
+        >>> dist.destroy_process_group()
     """
     label_smoothing, z_loss = _check_common(
         target, logits.shape[0], reduction, label_smoothing, z_loss
@@ -375,6 +379,18 @@ def vocab_parallel_linear_cross_entropy(
     ``3n`` numbers; once per call an all-reduce of the ``N × H`` input gradient.
 
     Equals ``xent.linear_cross_entropy(input, torch.cat(all slices), target, ...)``.
+
+    Example (a one-rank group here; with several ranks each passes its own rows of the weight)::
+
+        >>> import tempfile, torch, torch.distributed as dist, xent
+        >>> store = tempfile.NamedTemporaryFile(delete=False).name
+        >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+        >>> target = torch.tensor([0, 1])
+        >>> xent.distributed.vocab_parallel_linear_cross_entropy(hidden, weight, target)
+        tensor(0.6348)
+        >>> dist.destroy_process_group()
     """
     if input.dim() != 2:
         raise ValueError(f"input must have shape (N, H), got {tuple(input.shape)}")
