@@ -461,3 +461,58 @@ def test_cross_entropy_is_nll_of_log_softmax(n, c, seed):
             atol=1e-12,
             rtol=1e-12,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [xent.cross_entropy, xent.nll_loss])
+def test_small_integer_targets_do_not_wrap_around_ignore_index(fn):
+    # In uint8, -100 is 156: a real class 156 must not be ignored, nor an out-of-range 156 pass.
+    x = torch.randn(4, 200, dtype=torch.float64).log_softmax(1)
+    t = torch.tensor([156, 3, 5, 7], dtype=torch.uint8)
+    torch.testing.assert_close(fn(x, t), getattr(F, fn.__name__)(x, t.long()))
+    with pytest.raises(IndexError, match="Target 156 is out of bounds"):
+        fn(torch.randn(2, 10), torch.tensor([156, 3], dtype=torch.uint8))
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
+        fn(torch.randn(2, 10), torch.tensor([-1, 3], dtype=torch.int8), ignore_index=255)
+
+
+def test_fp16_gradient_survives_loss_scaling():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(4096, 512, generator=gen).half().requires_grad_()
+    t = torch.randint(0, 512, (4096,), generator=gen)
+    (xent.cross_entropy(x, t, label_smoothing=0.1) * 4096).backward()
+    ours = x.grad.double()
+    x.grad = None
+    (F.cross_entropy(x, t, label_smoothing=0.1) * 4096).backward()
+    theirs = x.grad.double()
+    xd = x.detach().double().requires_grad_()
+    (exact,) = torch.autograd.grad(F.cross_entropy(xd, t, label_smoothing=0.1) * 4096, xd)
+    err = lambda g: ((g - exact).abs().sum() / exact.abs().sum()).item()  # noqa: E731
+    assert err(ours) <= 2 * err(theirs) + 1e-4
+    assert (ours == 0).float().mean() <= (theirs == 0).float().mean() + 1e-3
+
+
+def test_no_grad_computes_no_gradient_and_never_overwrites():
+    x = torch.randn(5, 7, requires_grad=True)
+    t = torch.randint(0, 7, (5,))
+    before = x.detach().clone()
+    with torch.no_grad():
+        loss = xent.cross_entropy(x, t, inplace_backward=True)
+    torch.testing.assert_close(loss, F.cross_entropy(before, t))
+    assert torch.equal(x.detach(), before)
+
+
+def test_compiled_operator_passes_opcheck():
+    from xent._onepass import CEParams
+
+    x = torch.randn(6, 9, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(
+            torch.ops.xent.cross_entropy_fwd,
+            (x, t, None, reduction, CEParams(reduction=reduction).options(), [True, False]),
+        )

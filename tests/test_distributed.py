@@ -116,6 +116,17 @@ def _error_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             messages.append("no error")
         except (IndexError, ValueError) as err:
             messages.append(f"{type(err).__name__}: {err}")
+    # Every target ignored: the mean is NaN, and the gradients exactly zero (not NaN).
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(4, 5, requires_grad=True)
+    h = torch.randn(3, 5, requires_grad=True)
+    ignored = torch.full((3,), -100)
+    losses = [
+        vocab_parallel_cross_entropy(x, ignored),
+        vocab_parallel_linear_cross_entropy(h, w, ignored),
+    ]
+    grads = torch.autograd.grad(sum(losses), (x, w, h), allow_unused=False)
+    messages.append([bool(torch.isnan(v)) for v in losses] + [bool((g == 0).all()) for g in grads])
     torch.save(messages, os.path.join(out_dir, f"err{rank}.pt"))
     dist.destroy_process_group()
 
@@ -126,6 +137,7 @@ def test_errors_name_the_offending_values(tmp_path):
     assert messages[0] == "IndexError: Target 9 is out of bounds."
     assert messages[1].startswith("ValueError: target must have shape (3,), got (2,)")
     assert messages[2].startswith("ValueError: vocab_start=7 does not fit a slice of 4 classes")
+    assert messages[3] == [True, True, True, True, True]
 
 
 def test_torchrun_example_trains_and_agrees_with_single_process():

@@ -258,7 +258,11 @@ def test_module_form_owns_its_linear_layer():
         (dict(normalizer=5.0, reduction="sum"), ValueError, "reduction='sum'"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(token_weight=torch.ones(3)), ValueError, r"token_weight must have the target's"),
-        (dict(linear_bias=torch.ones(7)), ValueError, r"linear_bias must have shape \(41,\)"),
+        (
+            dict(linear_bias=torch.ones(7, dtype=torch.float64)),
+            ValueError,
+            r"linear_bias must have shape \(41,\)",
+        ),
     ],
 )
 def test_errors(kwargs, exc, message):
@@ -279,3 +283,29 @@ def test_shape_and_range_errors_name_values():
         xent.linear_cross_entropy(x, w, t_bad)
     with pytest.raises(RuntimeError, match="same dtype"):
         xent.linear_cross_entropy(x, w.float(), t)
+
+
+def test_fp16_input_gradient_survives_loss_scaling():
+    x64, w64, _, t = _problem(n=512, h=32, v=300, seed=11, bias=False)
+    x, w = (p.detach().half().requires_grad_() for p in (x64, w64))
+    (xent.linear_cross_entropy(x, w, t, chunk_size=64) * 1024).backward()
+    ours = x.grad.double()
+    x.grad = None
+    (F.cross_entropy(F.linear(x, w), t) * 1024).backward()
+    theirs = x.grad.double()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double()
+    (exact,) = torch.autograd.grad(F.cross_entropy(F.linear(xd, wd), t) * 1024, xd)
+    rel = lambda g: ((g - exact).abs().sum() / exact.abs().sum()).item()  # noqa: E731
+    assert rel(ours) <= 2 * rel(theirs) + 1e-4
+
+
+def test_bias_dtype_and_double_backward_errors_are_clear():
+    x, w, b, t = _problem()
+    with pytest.raises(RuntimeError, match="input and linear_bias must have the same dtype"):
+        xent.linear_cross_entropy(x, w, t, linear_bias=b.float())
+    loss = xent.linear_cross_entropy(x, w, t)
+    with pytest.raises(RuntimeError, match="use impl='reference' for double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    ref = xent.linear_cross_entropy(x, w, t, impl="reference")
+    (g,) = torch.autograd.grad(ref, x, create_graph=True)
+    assert g.requires_grad

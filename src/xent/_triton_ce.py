@@ -175,6 +175,7 @@ def cross_entropy_pass_triton(
         )
     rows, vocab = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    target = target.contiguous()  # the kernel reads target[row] at offset row
     if x.stride(1) != 1:
         x = x.contiguous()
     loss = torch.empty(rows, dtype=acc, device=x.device)
@@ -182,7 +183,21 @@ def cross_entropy_pass_triton(
     w = None if weight is None else weight.to(device=x.device, dtype=acc).contiguous()
     w_sum = None if w is None else w.sum().reshape(1)
     if grad_out is not None and grad_out.stride(1) != 1:
-        raise ValueError("the gradient buffer must have contiguous rows")
+        # Strided columns (e.g. transposed logits written in place): compute into contiguous
+        # rows, then copy into the caller's buffer.
+        loss, lse = cross_entropy_pass_triton(
+            x,
+            target,
+            weight,
+            row_coef,
+            params,
+            lse_in=lse_in,
+            grad_out=(
+                dense := torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+            ),
+        )
+        grad_out.copy_(dense)
+        return loss, lse
     if rows == 0:
         return loss, lse
     block, warps = _block_and_warps(vocab)

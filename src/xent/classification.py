@@ -98,6 +98,7 @@ def _check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index:
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """``IndexError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``."""
+    target = target.long()  # compare in int64 whatever the integer dtype (no wrap-around)
     invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if target.device.type == "cpu":
         if bool(invalid.any()):
@@ -287,6 +288,16 @@ def _empty_grads(
     )
 
 
+def _grad_in_forward(params: CEParams, x: torch.Tensor) -> bool:
+    """Whether the forward pass forms the gradient (scalar losses), or backward does.
+
+    fp16 logits are the exception: their gradient is formed in backward, where the upstream
+    factor is known. Formed early with a factor of 1 (and the mean's 1/N), fp16's narrow range
+    would flush small entries to zero before a loss scale of 2¹² could rescue them.
+    """
+    return params.reduction != "none" and x.dtype != torch.float16
+
+
 def _forward_impl(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -301,7 +312,7 @@ def _forward_impl(
         _check_target_range(target, x.shape[1], params.ignore_index)
     cdtype = compute_dtype(x.dtype)
     coef, denom = _row_coefficients(target, weight, params, cdtype)
-    scalar = params.reduction != "none"
+    scalar = _grad_in_forward(params, x)
     grad_x = grad_q = None
     if scalar and need_x:
         grad_x = x if inplace else empty_buffer(tuple(x.shape), x)
@@ -328,8 +339,10 @@ class _CrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, target, weight, params: CEParams, inplace: bool):
-        need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, x, target, weight, params: CEParams, inplace: bool, grad_on: bool):
+        # Under torch.no_grad no gradient is needed, whatever the inputs' requires_grad.
+        need_x = ctx.needs_input_grad[0] and grad_on
+        need_q = ctx.needs_input_grad[1] and grad_on
         out, lse, coef, grad_x, grad_q = _forward_impl(
             x, target, weight, params, need_x, need_q, inplace
         )
@@ -352,21 +365,22 @@ class _CrossEntropy(torch.autograd.Function):
                 )
             c = coef * g if params.reduction != "none" else coef * g.reshape(-1)
             grad_x, grad_q = _closed_form_grad(x, target, weight, c, params, need_q)
-            return (grad_x if need_x else None), grad_q, None, None, None
-        if params.reduction == "none":
-            # Only the log-sum-exp was kept: one more pass forms c_i g_i ∂l_i/∂x from it.
+            return (grad_x if need_x else None), grad_q, None, None, None, None
+        if not _grad_in_forward(params, target if x is None else x):
+            # Only the log-sum-exp was kept ("none", or fp16 logits): one more pass forms
+            # c_i g_i ∂l_i/∂x from it, the upstream factor applied before any rounding.
             grads = _empty_grads(x, target, need_x, need_q)
             pass_for(params)(
                 x,
                 target,
                 weight,
-                coef * g.reshape(-1),
+                coef * (g.reshape(-1) if params.reduction == "none" else g),
                 params,
                 lse_in=lse,
                 grad_out=grads[0],
                 grad_target_out=grads[1],
             )
-            return grads[0], grads[1], None, None, None
+            return grads[0], grads[1], None, None, None, None
         # The forward pass already formed c_i ∂l_i/∂x; hand the buffers over (no copy; they are
         # freed with the result) and apply the upstream factor.
         grad_x, grad_q = ctx.grads
@@ -382,7 +396,7 @@ class _CrossEntropy(torch.autograd.Function):
         if not (g.device.type == "cpu" and bool(g == 1)):
             grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
             grad_q = None if grad_q is None else grad_q.mul_(g.to(grad_q.dtype))
-        return grad_x, grad_q, None, None, None
+        return grad_x, grad_q, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,14 +427,14 @@ def _cross_entropy_fwd_op(x, target, weight, reduction, options, need):
         lse,
         coef,
         x.new_empty(0) if grad_x is None else grad_x,  # operators cannot return None
-        x.new_empty(0) if grad_q is None else grad_q,
+        target.new_empty(0) if grad_q is None else grad_q,
     )
 
 
 @_cross_entropy_fwd_op.register_fake
 def _(x, target, weight, reduction, options, need):
     rows, cdtype = x.shape[0], compute_dtype(x.dtype)
-    scalar = reduction != "none"
+    scalar = _grad_in_forward(CEParams(reduction=reduction), x)
     return (
         x.new_empty(() if scalar else (rows,)),
         x.new_empty((rows,), dtype=cdtype),
@@ -466,7 +480,7 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_out, *_unused):
     x, target, weight, lse, coef, grad_x, grad_q = ctx.saved_tensors
     need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if ctx.reduction != "none":
+    if _grad_in_forward(CEParams(reduction=ctx.reduction), x):  # formed in the forward: scale
         g = grad_out.to(coef.dtype)
         return (
             (grad_x * g).to(x.dtype) if need_x else None,
@@ -659,12 +673,15 @@ def cross_entropy(
         rows_target = _as_rows(target)
     else:
         _check_index_target(input, target, ignore_index)
-        rows_target = target.reshape(-1)  # its range is checked inside, where it is read
+        # int64 from here on: compared in uint8/int8, ignore_index=-100 would wrap to 156/-100
+        # and silently ignore a real class. Its range is checked inside, where it is read.
+        rows_target = target.reshape(-1).long()
     if torch.compiler.is_compiling():
         loss = _cross_entropy_compiled(_as_rows(input), rows_target, weight, params)
     else:
-        inplace = bool(inplace_backward) and input.dim() == 2
-        loss = _CrossEntropy.apply(_as_rows(input), rows_target, weight, params, inplace)
+        grad_on = torch.is_grad_enabled()
+        inplace = bool(inplace_backward) and input.dim() == 2 and grad_on
+        loss = _CrossEntropy.apply(_as_rows(input), rows_target, weight, params, inplace, grad_on)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss
 
 
@@ -719,5 +736,5 @@ def nll_loss(
         target, input.shape[0] if input.dim() == 1 else input.shape[1], ignore_index
     )
     params = CEParams(int(ignore_index), reduction)
-    loss = _NLL.apply(_as_rows(input), target.reshape(-1), weight, params)
+    loss = _NLL.apply(_as_rows(input), target.reshape(-1).long(), weight, params)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss

@@ -123,13 +123,24 @@ class _Setup:
         reduction: str,
         dtype: torch.dtype,
     ) -> None:
+        target = target.long()  # int64: no wrap-around against ignore_index
         self.valid = target != ignore_index
         self.is_local = self.valid & (target >= start) & (target < start + local)
         self.local_target = torch.where(self.is_local, target - start, 0).long()
         count = self.valid.sum().to(dtype)
         self.denominator = count if reduction == "mean" else None
         base = self.valid.to(dtype)
-        self.coef = base / count if reduction == "mean" else base
+        # `where`, not a division: with every target ignored the mean is 0/0 (NaN) but its
+        # gradient must stay exactly 0, as in single-process cross-entropy.
+        self.coef = torch.where(self.valid, 1.0 / count, 0.0) if reduction == "mean" else base
+
+
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the vocabulary-parallel losses' gradients are not differentiable "
+            "(create_graph=True is not supported)"
+        )
 
 
 def _reduce(loss: torch.Tensor, setup: _Setup, reduction: str) -> torch.Tensor:
@@ -151,22 +162,25 @@ class _VocabParallelCE(torch.autograd.Function):
         if reduction != "none" and ctx.needs_input_grad[0]:
             # p = e / s with the global sum; the scalar loss's gradient is formed right away.
             e.div_(stats[_SUM_EXP][:, None])
+            # Kept in the compute dtype until backward applies the upstream factor (fp16's
+            # narrow range would flush small entries of a rounded gradient to zero).
             grad = _logit_grad(
                 e, lse, setup.coef, setup.local_target, setup.is_local, vocab, eps, zeta
-            ).to(logits.dtype)
+            )
         ctx.opts, ctx.setup, ctx.grad = opts, setup, grad
         ctx.save_for_backward(logits, lse)
         return out.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         logits, lse = ctx.saved_tensors
         _, _, vocab, _, reduction, eps, zeta = ctx.opts
         setup: _Setup = ctx.setup
         g = grad_out.to(lse.dtype)
         if reduction != "none" and ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
-            return grad.mul_(g.to(grad.dtype)), None, None
+            return grad.mul_(g).to(logits.dtype), None, None
         # "none" (or a second backward): recompute p = exp(z - lse) locally; no communication.
         coef = setup.coef * (g if reduction != "none" else g.reshape(-1))
         p = (logits.to(lse.dtype) - lse[:, None]).exp_()
@@ -325,6 +339,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         x, w, b, lse = ctx.saved_tensors
         setup: _Setup = ctx.setup
         g = grad_out.to(lse.dtype)

@@ -104,9 +104,12 @@ def _chunked_pass(
     need_x, need_w, need_b = need if coef is not None else (False, False, False)
     loss = torch.empty(n_kept, dtype=cdtype, device=x.device)
     lse = torch.empty(n_kept, dtype=cdtype, device=x.device)
+    # ∂L/∂X in the compute dtype (fp32 for half inputs), rounded only after backward applies
+    # the upstream factor: fp16's narrow range would otherwise flush small entries to zero.
     grad_x = None
     if need_x:
-        grad_x = torch.empty_like(x) if keep is None else torch.zeros_like(x)
+        make = torch.empty if keep is None else torch.zeros
+        grad_x = make(x.shape, dtype=cdtype, device=x.device)
     # ∂L/∂W is a sum over all tokens: accumulate it in fp32 whatever the weight's dtype. The
     # first chunk overwrites it (beta=0), so it starts uninitialised; an empty batch zeroes it.
     grad_w = torch.empty(w.shape, dtype=cdtype, device=w.device) if need_w else None
@@ -114,6 +117,7 @@ def _chunked_pass(
         grad_w.zero_()
     grad_b = torch.zeros(vocab, dtype=cdtype, device=w.device) if need_b else None
     target = opts.target
+    w_fp32 = w.to(cdtype) if need_x and w.dtype == torch.float16 else None
     step = opts.tokens_per_chunk(vocab, x.device)
     # One logits buffer for all chunks: allocated (and page-faulted) once per call, not per chunk.
     logits = torch.empty((min(step, n_kept), vocab), dtype=cdtype, device=x.device)
@@ -136,7 +140,12 @@ def _chunked_pass(
         if coef is None:
             continue
         if grad_x is not None:
-            dx = torch.mm(z.to(w.dtype), w)
+            # fp16 cannot hold the small entries of ∂L/∂z (they are ~p/N): that product runs in
+            # fp32 on an fp32 copy of the weight. bf16 has fp32's range and keeps its fast path.
+            if w_fp32 is not None:
+                dx = torch.mm(z, w_fp32)
+            else:
+                dx = torch.mm(z.to(w.dtype), w).to(cdtype)
             if keep is None:
                 grad_x[rows] = dx
             else:
@@ -209,6 +218,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "linear_cross_entropy's gradient is not differentiable (create_graph=True); "
+                "use impl='reference' for double backward"
+            )
         x, w, b, coef, lse_k = ctx.saved_tensors
         opts: LCEParams = ctx.opts
         g = grad_out.to(coef.dtype)
@@ -229,7 +243,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = None if grad_w is None else grad_w.mul_(g)
             grad_b = None if grad_b is None else grad_b.mul_(g)
         return (
-            grad_x,
+            None if grad_x is None else grad_x.to(x.dtype),
             None if grad_w is None else grad_w.to(w.dtype),
             None if grad_b is None else grad_b.to(b.dtype),
             None,
@@ -267,6 +281,11 @@ def _check_linear_args(
             f"{linear_weight.dtype}"
         )
     vocab = linear_weight.shape[0]
+    if linear_bias is not None and linear_bias.dtype != input.dtype:
+        raise RuntimeError(
+            f"input and linear_bias must have the same dtype, got {input.dtype} and "
+            f"{linear_bias.dtype}"
+        )
     if linear_bias is not None and tuple(linear_bias.shape) != (vocab,):
         raise ValueError(f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
@@ -467,7 +486,7 @@ def linear_cross_entropy(
         impl=kernel,
     )
     chunk = _check_chunk_size(chunk_size)
-    flat_target = target.reshape(-1)
+    flat_target = target.reshape(-1).long()  # int64: no wrap-around against ignore_index
     _check_target_range(flat_target, linear_weight.shape[0], ignore_index)
     if impl == "reference":
         return linear_cross_entropy_reference(
