@@ -113,6 +113,24 @@ def empty_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def target_weights(
+    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(valid, safe_target, w_y)`` for ``(M)`` class indices.
+
+    ``valid`` marks rows that count; ``safe_target`` replaces ignored targets (which may lie
+    outside ``[0, C)``) by 0 so they can be gathered; ``w_y`` is the weight of each row's target,
+    exactly 0 on ignored rows. Indices are int64 so ``M·C > 2³¹`` addresses correctly.
+    """
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    if weight is None:
+        w_y = valid.to(dtype)
+    else:
+        w_y = torch.where(valid, weight[safe], torch.zeros((), dtype=dtype, device=weight.device))
+    return valid, safe, w_y
+
+
 class _Scratch:
     """Chunk-sized fp32 work buffers, allocated once per call and only when needed."""
 
@@ -187,12 +205,7 @@ def cross_entropy_pass(
     loss = torch.empty(num_rows, device=device, dtype=cdtype)
     lse_all = torch.empty(num_rows, device=device, dtype=cdtype)
     if not probs:
-        valid = target != params.ignore_index
-        safe = torch.where(valid, target, torch.zeros_like(target)).long()  # int64 offsets
-        if w is None:
-            w_y_all = valid.to(cdtype)
-        else:
-            w_y_all = torch.where(valid, w[safe], torch.zeros((), device=device, dtype=cdtype))
+        valid, safe, w_y_all = target_weights(target, w, params.ignore_index, cdtype)
 
     inplace = grad_out is not None and grad_out.data_ptr() == x.data_ptr()
     rows = params.rows_per_chunk(num_classes)

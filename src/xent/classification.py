@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from xent._onepass import CEParams, empty_buffer, pass_for, resolve_impl
+from xent._onepass import CEParams, empty_buffer, pass_for, resolve_impl, target_weights
 from xent._validation import (
     Reduction,
     check_label_smoothing,
@@ -168,24 +168,6 @@ def _log_probs(x: torch.Tensor) -> torch.Tensor:
     return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
 
 
-def _target_weights(
-    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(valid, safe_target, w_y)`` for ``(M)`` class indices.
-
-    ``valid`` marks rows that count; ``safe_target`` replaces ignored targets (which may lie
-    outside ``[0, C)``) by 0 so they can be gathered; ``w_y`` is the weight of each row's target,
-    exactly 0 on ignored rows. Indices are int64 so ``M·C > 2³¹`` addresses correctly.
-    """
-    valid = target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target)).long()
-    if weight is None:
-        w_y = valid.to(dtype)
-    else:
-        w_y = torch.where(valid, weight[safe], torch.zeros((), dtype=dtype, device=weight.device))
-    return valid, safe, w_y
-
-
 def _row_scale(
     grad_output: torch.Tensor, valid: torch.Tensor, denominator: torch.Tensor | None
 ) -> torch.Tensor:
@@ -219,7 +201,7 @@ def _row_coefficients(
         scale = 1.0 / rows if mean and rows else 1.0
         return torch.full((rows,), scale, dtype=dtype, device=target.device), denom
     w = _class_weight(weight, torch.empty((), dtype=dtype, device=target.device))
-    valid, _, w_y = _target_weights(target, w, params.ignore_index, dtype)
+    valid, _, w_y = target_weights(target, w, params.ignore_index, dtype)
     if not mean:
         return valid.to(dtype), None
     denom = w_y.sum()
@@ -260,7 +242,7 @@ def _closed_form_grad(
         if need_target_grad:
             grad_q = -(1.0 - eps) * c * (log_p if w is None else log_p * w)
     else:
-        _, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
+        _, safe, w_y = target_weights(target, w, params.ignore_index, xc.dtype)
         a = torch.zeros_like(z).scatter(1, safe[:, None], -(1.0 - eps) * c * w_y[:, None])
         if eps > 0.0:
             a = a - (eps / z.shape[1]) * c * (torch.ones_like(z[:1]) if w is None else w[None, :])
@@ -529,7 +511,7 @@ class _NLL(torch.autograd.Function):
     def forward(ctx, x, target, weight, params: CEParams):
         xc = x.to(compute_dtype(x.dtype))
         w = _class_weight(weight, xc)
-        valid, safe, w_y = _target_weights(target, w, params.ignore_index, xc.dtype)
+        valid, safe, w_y = target_weights(target, w, params.ignore_index, xc.dtype)
         zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
         loss = torch.where(valid, -w_y * xc.gather(1, safe[:, None]).squeeze(1), zero)
         denominator = None
@@ -553,7 +535,7 @@ class _NLL(torch.autograd.Function):
         shape, dtype, cdtype = ctx.shape_dtype
         params: CEParams = ctx.params
         w = None if weight is None else weight.to(device=target.device, dtype=cdtype)
-        valid, safe, w_y = _target_weights(target, w, params.ignore_index, cdtype)
+        valid, safe, w_y = target_weights(target, w, params.ignore_index, cdtype)
         scale = _row_scale(grad_output.to(cdtype), valid, denominator)
         grad = torch.zeros(shape, dtype=cdtype, device=target.device)
         grad = grad.scatter(1, safe[:, None], (-scale * w_y)[:, None])

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from xent._validation import Reduction, check_label_smoothing, check_reduction, compute_dtype
-from xent.classification import _check_target_range, _check_z_loss
+from xent.classification import _check_chunk_size, _check_target_range, _check_z_loss
 
 # Statistics gathered per token, summed across ranks in one all-reduce.
 _SUM_EXP, _TARGET_LOGIT, _SUM_LOGITS = 0, 1, 2
@@ -61,11 +61,11 @@ def _token_stats(
     is_local: torch.Tensor,
     group,
     need_sum: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global statistics of a block of tokens: ``(m, e, stats, lse)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global statistics of a block of tokens: ``(e, stats, lse)``.
 
-    ``m`` is the global row max, ``e`` a new ``(n, V_local)`` tensor holding ``exp(z - m)``, and
-    ``stats`` the three per-token sums over the whole vocabulary (indices ``_SUM_EXP`` …).
+    ``e`` is a new ``(n, V_local)`` tensor holding ``exp(z - m)`` with ``m`` the global row max,
+    and ``stats`` the three per-token sums over the whole vocabulary (indices ``_SUM_EXP`` …).
     """
     m = z.amax(dim=1)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -79,7 +79,7 @@ def _token_stats(
     stats[_SUM_EXP] = e.sum(dim=1)
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     lse = m + stats[_SUM_EXP].log()
-    return m, e, stats, lse
+    return e, stats, lse
 
 
 def _token_loss(
@@ -156,7 +156,7 @@ class _VocabParallelCE(torch.autograd.Function):
         group, start, vocab, ignore_index, reduction, eps, zeta = opts
         x = logits.to(compute_dtype(logits.dtype))
         setup = _Setup(target, start, x.shape[1], ignore_index, reduction, x.dtype)
-        _, e, stats, lse = _token_stats(x, setup.local_target, setup.is_local, group, eps > 0)
+        e, stats, lse = _token_stats(x, setup.local_target, setup.is_local, group, eps > 0)
         out = _reduce(_token_loss(stats, lse, vocab, eps, zeta), setup, reduction)
         grad = None
         if reduction != "none" and ctx.needs_input_grad[0]:
@@ -296,7 +296,7 @@ def _linear_chunks(
         if b is not None:
             z += b.to(cdtype)
         if lse_in is None:
-            _, p, stats, lse = _token_stats(
+            p, stats, lse = _token_stats(
                 z, setup.local_target[rows], setup.is_local[rows], group, eps > 0
             )
             losses.append(_token_loss(stats, lse, vocab, eps, zeta))
@@ -420,10 +420,9 @@ def vocab_parallel_linear_cross_entropy(
     local = linear_weight.shape[0]
     start, vocab = _slice_start(local, group, vocab_start, input.device)
     _check_target_range(target, vocab, ignore_index)
+    chunk_size = _check_chunk_size(chunk_size)
     if chunk_size is None:
         chunk_size = max(1, (48 << 20) // (4 * max(local, 1)))
-    elif chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     opts = (
         group,
         start,
