@@ -51,6 +51,17 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         )
 
 
+def check_broadcastable(function: str, input: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` naming both shapes unless ``input`` and ``target`` broadcast."""
+    try:
+        torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise RuntimeError(
+            f"{function}: input of shape {tuple(input.shape)} and target of shape "
+            f"{tuple(target.shape)} cannot be broadcast together"
+        ) from None
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype arithmetic runs in: fp64 stays fp64, everything else (fp16, bf16, fp32) is fp32.
 

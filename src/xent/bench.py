@@ -167,11 +167,6 @@ def _lce_case(cfg: Config) -> Case:
 CASES: dict[str, Callable[[Config], Case]] = {"ce": _ce_case, "lce": _lce_case}
 
 
-def register_case(name: str, builder: Callable[[Config], Case]) -> None:
-    """Make ``xent bench NAME`` available (cases for later operations register themselves)."""
-    CASES[name] = builder
-
-
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,13 @@ from typing import Literal
 
 import torch
 
-from xent._validation import check_floating, check_reduction, compute_dtype, reduce
+from xent._validation import (
+    check_broadcastable,
+    check_floating,
+    check_reduction,
+    compute_dtype,
+    reduce,
+)
 
 KLReduction = Literal["none", "mean", "sum", "batchmean"]
 KL_REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum", "batchmean")
@@ -78,13 +84,7 @@ def kl_div(
     check_floating("input", input)
     check_floating("target", target)
     check_reduction(reduction, KL_REDUCTIONS)
-    try:
-        torch.broadcast_shapes(input.shape, target.shape)
-    except RuntimeError:
-        raise RuntimeError(
-            f"kl_div: input of shape {tuple(input.shape)} and target of shape "
-            f"{tuple(target.shape)} cannot be broadcast together"
-        ) from None
+    check_broadcastable("kl_div", input, target)
     if reduction == "mean":
         warnings.warn(MEAN_WARNING, UserWarning, stacklevel=2)
     out_dtype = torch.promote_types(input.dtype, target.dtype)

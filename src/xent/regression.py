@@ -13,6 +13,7 @@ import torch
 
 from xent._validation import (
     Reduction,
+    check_broadcastable,
     check_floating,
     check_reduction,
     check_same_shape,
@@ -82,13 +83,7 @@ def huber_loss(
     check_reduction(reduction)
     delta = _check_delta(delta)
     if target.shape != input.shape:
-        try:
-            torch.broadcast_shapes(input.shape, target.shape)
-        except RuntimeError:
-            raise RuntimeError(
-                f"huber_loss: input of shape {tuple(input.shape)} and target of shape "
-                f"{tuple(target.shape)} cannot be broadcast together"
-            ) from None
+        check_broadcastable("huber_loss", input, target)
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
