@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import assert_close, assert_error_floor, assert_rounded_once
 
 from xent.binary import binary_cross_entropy, binary_cross_entropy_with_logits
 
@@ -49,25 +50,6 @@ def _value_and_grads(fn, x, y, upstream, **kwargs):
     return out.detach(), gx, gy
 
 
-def _assert_close(ours, ref, tol):
-    assert ours.dtype == ref.dtype
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol, equal_nan=True)
-
-
-def _assert_error_floor(ours, theirs, ref, rtol):
-    """``|ours - ref| ≤ |theirs - ref| + rtol (|ref| + floor)`` elementwise, NaN where ref is."""
-    assert ours.dtype == theirs.dtype and ours.shape == ref.shape
-    ours, theirs = ours.double(), theirs.double()
-    assert torch.equal(torch.isnan(ours), torch.isnan(ref))
-    finite = torch.isfinite(ref)
-    assert torch.equal(ours[~finite & ~torch.isnan(ref)], ref[~finite & ~torch.isnan(ref)])
-    floor = 1e-6 * ref[finite].abs().max() if finite.any() else 0.0
-    err_ours = (ours - ref)[finite].abs()
-    err_theirs = (theirs - ref)[finite].abs().nan_to_num(math.inf)
-    assert (err_ours <= err_theirs + rtol * (ref[finite].abs() + floor)).all()
-
-
 # ---------------------------------------------------------------------------------------------
 # Values and gradients against torch
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +74,7 @@ def test_bce_matches_torch(shape, dtype, reduction, weight_kind):
     ours = _value_and_grads(binary_cross_entropy, p, y, upstream, **kwargs)
     ref = _value_and_grads(F.binary_cross_entropy, p, y, upstream, **kwargs)
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, TOL[dtype])
+        assert_close(a, b, TOL[dtype])
     if reduction == "mean" and not p.numel():
         assert torch.isnan(ours[0])
     if reduction == "sum" and not p.numel():
@@ -125,7 +107,7 @@ def test_bce_with_logits_matches_torch(shape, dtype, reduction, weight_kind, pos
     ours = _value_and_grads(binary_cross_entropy_with_logits, z, y, upstream, **kwargs)
     ref = _value_and_grads(F.binary_cross_entropy_with_logits, z, y, upstream, **kwargs)
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, TOL[dtype])
+        assert_close(a, b, TOL[dtype])
 
 
 def test_every_option_at_once_odd_shape():
@@ -139,13 +121,13 @@ def test_every_option_at_once_odd_shape():
     ours = _value_and_grads(binary_cross_entropy_with_logits, z, y, upstream, **kwargs)
     ref = _value_and_grads(F.binary_cross_entropy_with_logits, z, y, upstream, **kwargs)
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, 1e-13)
+        assert_close(a, b, 1e-13)
     p = torch.sigmoid(z).clamp(1e-6, 1 - 1e-6)
     kwargs = dict(weight=weight, reduction="sum")
     ours = _value_and_grads(binary_cross_entropy, p, y, upstream, **kwargs)
     ref = _value_and_grads(F.binary_cross_entropy, p, y, upstream, **kwargs)
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, 1e-12)
+        assert_close(a, b, 1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -170,7 +152,7 @@ def test_half_precision_error_floor(dtype, reduction, logits):
     ref = _value_and_grads(fns[1], x.double(), y.double(), upstream, **ref_kwargs)
     assert ours[0].dtype == dtype
     for a, b, r in zip(ours, theirs, ref, strict=True):
-        _assert_error_floor(a, b, r, HALF_RTOL[dtype])
+        assert_error_floor(a, b, r, HALF_RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -189,11 +171,7 @@ def test_half_precision_is_computed_in_fp32_and_rounded_once(dtype, logits):
     upstream = torch.ones(shape, dtype=torch.float64)
     ours = _value_and_grads(fns[0], x, y, upstream, reduction="none")
     ref = _value_and_grads(fns[1], x.double(), y.double(), upstream, reduction="none")
-    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
-    for a, r in zip(ours, ref, strict=True):
-        assert a.dtype == dtype
-        bound = (0.5 * eps + 1e-5) * r.abs() + tiny * eps
-        assert ((a.double() - r).abs() <= bound).all()
+    assert_rounded_once(ours, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -292,7 +270,7 @@ def test_double_backward_matches_torch(logits):
 
     for a, b in zip(second(ours_fn), second(ref_fn), strict=True):
         # PyTorch's BCE double backward adds 1e-12 to p and 1 - p; agreement is to ~1e-10.
-        _assert_close(a, b, 1e-9)
+        assert_close(a, b, 1e-9)
 
 
 def test_softplus_derivative_at_zero_is_exact():
@@ -322,7 +300,7 @@ def test_bce_saturated_probabilities_follow_torch(dtype):
     ours = _value_and_grads(binary_cross_entropy, p, y, upstream, reduction="none")
     ref = _value_and_grads(F.binary_cross_entropy, p, y, upstream, reduction="none")
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, TOL[dtype])
+        assert_close(a, b, TOL[dtype])
     loss, grad_p, grad_y = ours
     assert loss[:4].tolist() == [0.0, 0.0, 100.0, 100.0]  # each log clamped at -100
     # p (1 - p) floored at 1e-12
@@ -347,8 +325,8 @@ def test_bce_with_logits_infinite_logits_give_the_limit():
             F.binary_cross_entropy_with_logits, z, y, upstream, reduction="none", pos_weight=pw
         )
         assert torch.isnan(ref_loss[:2]).all()  # what xent deliberately differs from
-        _assert_close(gz, ref_gz, 0)  # gradients are finite and PyTorch's
-        _assert_close(gy, ref_gy, 0)
+        assert_close(gz, ref_gz, 0)  # gradients are finite and PyTorch's
+        assert_close(gy, ref_gy, 0)
     assert binary_cross_entropy_with_logits(z[:2], y[:2]).item() == 0.0
     assert binary_cross_entropy_with_logits(z[:2], y[:2], reduction="sum").item() == 0.0
 
@@ -378,7 +356,7 @@ def test_bce_with_logits_large_and_nan_logits_follow_torch():
     ours = _value_and_grads(binary_cross_entropy_with_logits, z, y, upstream, reduction="none")
     ref = _value_and_grads(F.binary_cross_entropy_with_logits, z, y, upstream, reduction="none")
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, 1e-6)
+        assert_close(a, b, 1e-6)
     assert ours[0][:2].tolist() == pytest.approx([70.0, 30.0], rel=1e-6)
 
 

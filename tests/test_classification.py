@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import assert_close
 
 import xent
 
@@ -29,12 +30,6 @@ def _index_target(shape: tuple[int, ...], gen: torch.Generator, ignore: int | No
     if ignore is not None and target.dim() > 0:
         target.view(-1)[::3] = ignore
     return target
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    assert ours.dtype == ref.dtype
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol, equal_nan=True)
 
 
 GRID = list(
@@ -61,11 +56,11 @@ def test_cross_entropy_index_matches_torch(shape, dtype, reduction, weighted, ig
         kwargs["ignore_index"] = ignore
     ours = xent.cross_entropy(x, target, **kwargs)
     ref = F.cross_entropy(x, target, **kwargs)
-    _assert_close(ours, ref, TOL[dtype])
+    assert_close(ours, ref, TOL[dtype])
     upstream = torch.randn(ours.shape, generator=gen, dtype=dtype)
     (g_ours,) = torch.autograd.grad(ours, x, upstream)
     (g_ref,) = torch.autograd.grad(ref, x, upstream)
-    _assert_close(g_ours, g_ref, TOL[dtype])
+    assert_close(g_ours, g_ref, TOL[dtype])
 
 
 @pytest.mark.parametrize(
@@ -81,12 +76,12 @@ def test_cross_entropy_probs_matches_torch(shape, dtype, reduction, weighted, ep
     kwargs = dict(weight=weight, reduction=reduction, label_smoothing=eps)
     ours = xent.cross_entropy(x, q, **kwargs)
     ref = F.cross_entropy(x, q, **kwargs)
-    _assert_close(ours, ref, TOL[dtype])
+    assert_close(ours, ref, TOL[dtype])
     upstream = torch.randn(ours.shape, generator=gen, dtype=dtype)
     g_ours = torch.autograd.grad(ours, (x, q), upstream)
     g_ref = torch.autograd.grad(ref, (x, q), upstream)
-    _assert_close(g_ours[0], g_ref[0], TOL[dtype])
-    _assert_close(g_ours[1], g_ref[1], TOL[dtype])
+    assert_close(g_ours[0], g_ref[0], TOL[dtype])
+    assert_close(g_ours[1], g_ref[1], TOL[dtype])
 
 
 @pytest.mark.parametrize(
@@ -104,11 +99,11 @@ def test_nll_loss_matches_torch(shape, dtype, reduction, weighted, ignore):
         kwargs["ignore_index"] = ignore
     ours = xent.nll_loss(log_p, target, **kwargs)
     ref = F.nll_loss(log_p, target, **kwargs)
-    _assert_close(ours, ref, TOL[dtype])
+    assert_close(ours, ref, TOL[dtype])
     upstream = torch.randn(ours.shape, generator=gen, dtype=dtype)
     (g_ours,) = torch.autograd.grad(ours, log_p, upstream)
     (g_ref,) = torch.autograd.grad(ref, log_p, upstream)
-    _assert_close(g_ours, g_ref, TOL[dtype])
+    assert_close(g_ours, g_ref, TOL[dtype])
 
 
 def test_every_option_at_once_odd_shape():
@@ -120,8 +115,8 @@ def test_every_option_at_once_odd_shape():
     kwargs = dict(weight=weight, ignore_index=3, reduction="mean", label_smoothing=0.15)
     ours = xent.cross_entropy(x, target, **kwargs)
     ref = F.cross_entropy(x, target, **kwargs)
-    _assert_close(ours, ref, 1e-12)
-    _assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], 1e-12)
+    assert_close(ours, ref, 1e-12)
+    assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +176,7 @@ def test_double_backward_matches_torch_hessian_vector_product():
         (g,) = torch.autograd.grad(fn(x, target, label_smoothing=0.1), x, create_graph=True)
         return torch.autograd.grad((g * v).sum(), x)[0]
 
-    _assert_close(hvp(xent.cross_entropy), hvp(F.cross_entropy), 1e-12)
+    assert_close(hvp(xent.cross_entropy), hvp(F.cross_entropy), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +190,7 @@ def test_all_targets_ignored(reduction):
     target = torch.full((4,), -100)
     ours = xent.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
     ref = F.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
-    _assert_close(ours, ref, 0)
+    assert_close(ours, ref, 0)
     if reduction == "mean":
         assert torch.isnan(ours)
     ours.sum().backward()
@@ -208,7 +203,7 @@ def test_empty_batch(reduction, probs):
     x = torch.randn(0, 3, requires_grad=True)
     target = torch.zeros(0, 3) if probs else torch.zeros(0, dtype=torch.long)
     ours = xent.cross_entropy(x, target, reduction=reduction)
-    _assert_close(ours, F.cross_entropy(x, target, reduction=reduction), 0)
+    assert_close(ours, F.cross_entropy(x, target, reduction=reduction), 0)
     ours.sum().backward()
     assert x.grad.shape == (0, 3)
 
@@ -216,7 +211,7 @@ def test_empty_batch(reduction, probs):
 def test_ignore_index_outside_class_range_is_valid():
     x = torch.randn(4, 3, dtype=torch.float64)
     target = torch.tensor([0, 255, 1, 2])
-    _assert_close(
+    assert_close(
         xent.cross_entropy(x, target, ignore_index=255),
         F.cross_entropy(x, target, ignore_index=255),
         1e-12,
@@ -237,13 +232,13 @@ def test_negative_weights_and_zero_total_weight():
     x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     weight = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
     target = torch.tensor([0, 1, 2])
-    _assert_close(xent.cross_entropy(x, target, weight), F.cross_entropy(x, target, weight), 1e-12)
+    assert_close(xent.cross_entropy(x, target, weight), F.cross_entropy(x, target, weight), 1e-12)
     # Σ w_y = 0 with a non-zero numerator: ±inf, and the same non-finite gradient pattern.
     target = torch.tensor([0, 1, 1])
     weight = torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64)
     ours, ref = xent.cross_entropy(x, target, weight), F.cross_entropy(x, target, weight)
-    _assert_close(ours, ref, 1e-12)
-    _assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], 1e-12)
+    assert_close(ours, ref, 1e-12)
+    assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], 1e-12)
     # All weights zero: 0 / 0.
     assert torch.isnan(xent.cross_entropy(x, target, torch.zeros(3, dtype=torch.float64)))
 
@@ -254,8 +249,8 @@ def test_minus_inf_logits(target, eps):
     t = torch.tensor([target, 0])
     ours = xent.cross_entropy(x, t, label_smoothing=eps)
     ref = F.cross_entropy(x, t, label_smoothing=eps)
-    _assert_close(ours, ref, 1e-6)
-    _assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], 1e-6)
+    assert_close(ours, ref, 1e-6)
+    assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], 1e-6)
     if target == 0 and eps == 0.0:
         assert torch.isfinite(ours)
         assert torch.autograd.grad(xent.cross_entropy(x, t), x)[0][0, 1] == 0
@@ -265,7 +260,7 @@ def test_minus_inf_logits(target, eps):
 def test_non_finite_logits_follow_torch(value):
     x = torch.tensor([[value, 0.0, 1.0], [0.5, 0.1, 0.2]])
     t = torch.tensor([1, 2])
-    _assert_close(
+    assert_close(
         xent.cross_entropy(x, t, reduction="none"),
         F.cross_entropy(x, t, reduction="none"),
         1e-6,
@@ -320,7 +315,7 @@ def test_probability_targets_are_not_normalised():
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
     q = torch.rand(5, 4, generator=gen, dtype=torch.float64).softmax(1)
-    _assert_close(xent.cross_entropy(x, 2 * q), 2 * xent.cross_entropy(x, q), 1e-12)
+    assert_close(xent.cross_entropy(x, 2 * q), 2 * xent.cross_entropy(x, q), 1e-12)
 
 
 def test_integer_target_dtypes_are_accepted():
@@ -328,7 +323,7 @@ def test_integer_target_dtypes_are_accepted():
     t = torch.tensor([0, 2, 1, 1])
     ref = F.cross_entropy(x, t)
     for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
-        _assert_close(xent.cross_entropy(x, t.to(dtype)), ref, 1e-12)
+        assert_close(xent.cross_entropy(x, t.to(dtype)), ref, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +378,7 @@ def test_one_dimensional_input():
         for reduction in ("mean", "none"):
             ours = xent.cross_entropy(x, target, reduction=reduction)
             ref = F.cross_entropy(x, target, reduction=reduction)
-            _assert_close(ours, ref, 1e-12)
+            assert_close(ours, ref, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

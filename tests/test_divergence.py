@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import assert_close, assert_error_floor, assert_rounded_once
 
 from xent.divergence import MEAN_WARNING, entropy, kl_div
 
@@ -45,24 +46,6 @@ def _kl_value_and_grads(fn, x, y, upstream, **kwargs):
     return out.detach(), gx, gy
 
 
-def _assert_close(ours, ref, tol):
-    assert ours.dtype == ref.dtype
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol, equal_nan=True)
-
-
-def _assert_error_floor(ours, theirs, ref, rtol):
-    """``|ours - ref| ≤ |theirs - ref| + rtol (|ref| + floor)`` elementwise, NaN where ref is."""
-    assert ours.dtype == theirs.dtype and ours.shape == ref.shape
-    ours, theirs = ours.double(), theirs.double()
-    assert torch.equal(torch.isnan(ours), torch.isnan(ref))
-    finite = torch.isfinite(ref)
-    floor = 1e-6 * ref[finite].abs().max() if finite.any() else 0.0
-    err_ours = (ours - ref)[finite].abs()
-    err_theirs = (theirs - ref)[finite].abs().nan_to_num(math.inf)
-    assert (err_ours <= err_theirs + rtol * (ref[finite].abs() + floor)).all()
-
-
 # ---------------------------------------------------------------------------------------------
 # kl_div against torch
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +64,7 @@ def test_kl_div_matches_torch(shape, dtype, reduction, log_target):
     ours = _kl_value_and_grads(kl_div, x, y, upstream, **kwargs)
     ref = _kl_value_and_grads(F.kl_div, x, y, upstream, **kwargs)
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, TOL[dtype])
+        assert_close(a, b, TOL[dtype])
 
 
 @pytest.mark.parametrize("reduction", KL_REDUCTIONS)
@@ -95,7 +78,7 @@ def test_kl_div_broadcasts_like_torch(reduction, x_shape, y_shape):
     ours = _kl_value_and_grads(kl_div, x, y, upstream, reduction=reduction)
     ref = _kl_value_and_grads(F.kl_div, x, y, upstream, reduction=reduction)
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, 1e-12)
+        assert_close(a, b, 1e-12)
 
 
 def test_kl_div_batchmean_divides_by_the_batch_only():
@@ -138,7 +121,7 @@ def test_kl_div_non_finite_pattern_matches_torch(dtype):
     ours = _kl_value_and_grads(kl_div, x, y, upstream, reduction="none")
     ref = _kl_value_and_grads(F.kl_div, x, y, upstream, reduction="none")
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, 0)
+        assert_close(a, b, 0)
     loss, gx, gy = ours
     assert loss[0].item() == 0.0 and loss[2].item() == inf  # 0 log 0 = 0; log q = -inf costs inf
     assert gx[0].item() == 0.0 and gx[2].item() == -0.5  # ∂/∂x = -y
@@ -149,7 +132,7 @@ def test_kl_div_non_finite_pattern_matches_torch(dtype):
     ours = _kl_value_and_grads(kl_div, lx, ly, upstream[:5], reduction="none", log_target=True)
     ref = _kl_value_and_grads(F.kl_div, lx, ly, upstream[:5], reduction="none", log_target=True)
     for a, b in zip(ours, ref, strict=True):
-        _assert_close(a, b, 0)
+        assert_close(a, b, 0)
     assert torch.isnan(ours[0][0]) and ours[0][1].item() == inf
 
 
@@ -165,7 +148,7 @@ def test_kl_div_half_precision_error_floor(dtype, reduction):
     ref = _kl_value_and_grads(F.kl_div, x.double(), y.double(), upstream, reduction=reduction)
     assert ours[0].dtype == dtype
     for a, b, r in zip(ours, theirs, ref, strict=True):
-        _assert_error_floor(a, b, r, HALF_RTOL[dtype])
+        assert_error_floor(a, b, r, HALF_RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -181,15 +164,9 @@ def test_kl_div_half_precision_is_computed_in_fp32_and_rounded_once(dtype, log_t
     kwargs = dict(reduction="none", log_target=log_target)
     ours = _kl_value_and_grads(kl_div, x, y, upstream, **kwargs)
     ref = _kl_value_and_grads(F.kl_div, x.double(), y.double(), upstream, **kwargs)
-    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
-    for a, r in zip(ours, ref, strict=True):
-        assert a.dtype == dtype
-        bound = (0.5 * eps + 1e-5) * r.abs() + tiny * eps
-        assert ((a.double() - r).abs() <= bound).all()
+    assert_rounded_once(ours, ref, dtype)
     p = torch.rand(9, 7, 41, generator=gen).softmax(-1).to(dtype)
-    h = entropy(p).double()
-    h_ref = -torch.xlogy(p.double(), p.double()).sum(-1)
-    assert ((h - h_ref).abs() <= (0.5 * eps + 1e-5) * h_ref.abs()).all()
+    assert_rounded_once([entropy(p)], [-torch.xlogy(p.double(), p.double()).sum(-1)], dtype)
 
 
 def test_kl_div_half_precision_sum_over_many_elements():
