@@ -14,7 +14,9 @@ Per row the kernel reads the logits twice, never writing anything but the result
 * pass 2 (only when a gradient is wanted): ``∂l/∂z_j = c (p_j A - B_j)`` with ``p = e^{z - lse}``,
   written in the output dtype, straight over the logits if asked (in place).
 
-The algebra (``A``, ``B``, z-loss, soft-capping) is the one derived in :mod:`xent._onepass`.
+Probability targets (a second ``M × C`` input ``q``) have their own kernel of the same shape,
+which also writes ``∂l/∂q`` when the target requires a gradient. The algebra (``A``, ``B``,
+z-loss, soft-capping, probability targets) is the one derived in :mod:`xent._onepass`.
 Offsets are int64 (``row * stride`` overflows int32 past 2³¹ elements) and nothing is read back
 to the host, so a launch can be captured in a CUDA graph.
 """
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xent._onepass import CEParams, cross_entropy_pass
+from xent._onepass import CEParams
 
 # Columns per block: the whole row up to this size (fewest passes), and the warps to run it.
 # Block sizes are powers of two; 4096 fp32 columns per block keeps a block in registers across
@@ -65,8 +67,6 @@ def _ce_row_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    # ε, ζ and the cap arrive in a small tensor of the compute dtype: scalar arguments would be
-    # fp32, and fp64 inputs are computed in fp64 throughout.
     eps = tl.load(OPTS).to(ACC)
     zeta = tl.load(OPTS + 1).to(ACC)
     softcap = tl.load(OPTS + 2).to(ACC)
@@ -141,6 +141,99 @@ def _ce_row_kernel(
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _ce_prob_row_kernel(
+    X,
+    stride_x,
+    Q,
+    stride_q,
+    W,
+    COEF,
+    LOSS,
+    LSE,
+    LSE_IN,
+    G,
+    stride_g,
+    GQ,
+    stride_gq,
+    OPTS,
+    V,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_QGRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Probability targets ``q``: with ``q' = (1 - ε) q + ε/V`` and ``S = Σ_c w_c q'_c``,
+
+    ``l = lse·S - Σ_c w_c q'_c z_c + ζ lse²``, ``∂l/∂z_j = p_j (S + 2ζ lse) - w_j q'_j`` and
+    ``∂l/∂q_c = -(1 - ε) w_c (z_c - lse)``, each gradient times the row's coefficient.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    eps = tl.load(OPTS).to(ACC)
+    zeta = tl.load(OPTS + 1).to(ACC)
+    softcap = tl.load(OPTS + 2).to(ACC)
+    x_row = X + row * stride_x
+    q_row = Q + row * stride_q
+
+    # Pass 1: S and Σ w q' z always (S enters the gradient); max and sum unless lse is given.
+    big_s = tl.zeros((), ACC)
+    wqz = tl.zeros((), ACC)
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        wq = tl.load(q_row + cols, mask=mask, other=0.0).to(ACC) * (1.0 - eps) + eps / V
+        if HAS_WEIGHT:
+            wq *= tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        wq = tl.where(mask, wq, 0.0)
+        big_s += tl.sum(wq, axis=0)
+        if not HAS_LSE:
+            z = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            wqz += tl.sum(wq * z, axis=0)  # masked lanes: wq = 0 and z = 0
+            z = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+            m = m_new
+    if HAS_LSE:
+        lse = tl.load(LSE_IN + row).to(ACC)
+    else:
+        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+        tl.store(LOSS + row, lse * big_s - wqz + zeta * lse * lse)
+        tl.store(LSE + row, lse)
+
+    if WRITE_GRAD or WRITE_QGRAD:
+        c = tl.load(COEF + row).to(ACC)
+        a = c * (big_s + zeta * 2.0 * lse)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                z = softcap * t
+            else:
+                z = x
+            w = 1.0
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+            if WRITE_QGRAD:
+                gq = -(1.0 - eps) * c * w * (z - lse)
+                tl.store(GQ + row * stride_gq + cols, gq.to(GQ.dtype.element_ty), mask=mask)
+            if WRITE_GRAD:
+                q = tl.load(q_row + cols, mask=mask, other=0.0).to(ACC)
+                g = tl.exp(z - lse) * a - c * w * (q * (1.0 - eps) + eps / V)
+                if HAS_SOFTCAP:
+                    g *= 1.0 - t * t
+                tl.store(G + row * stride_g + cols, g.to(G.dtype.element_ty), mask=mask)
+
+
 def _block_and_warps(vocab: int) -> tuple[int, int]:
     block = min(MAX_BLOCK, triton.next_power_of_2(max(vocab, 16)))
     warps = next((w for limit, w in sorted(WARPS.items()) if block <= limit), 8)
@@ -158,20 +251,10 @@ def cross_entropy_pass_triton(
     grad_out: torch.Tensor | None = None,
     grad_target_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`xent._onepass.cross_entropy_pass` on Triton: same arguments, same results.
-
-    Probability targets, which need a second ``M × C`` input, run the torch kernel instead.
-    """
-    if target.dim() == 2 or grad_target_out is not None:
-        return cross_entropy_pass(
-            x,
-            target,
-            weight,
-            row_coef,
-            params,
-            lse_in=lse_in,
-            grad_out=grad_out,
-            grad_target_out=grad_target_out,
+    """:func:`xent._onepass.cross_entropy_pass` on Triton: same arguments, same results."""
+    if target.dim() == 2:
+        return _probability_pass(
+            x, target, weight, row_coef, params, lse_in, grad_out, grad_target_out
         )
     rows, vocab = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -213,11 +296,7 @@ def cross_entropy_pass_triton(
         lse,
         grad_out,
         0 if grad_out is None else grad_out.stride(0),
-        torch.tensor(
-            [params.label_smoothing, params.z_loss, params.softcap or 1.0],
-            dtype=acc,
-            device=x.device,
-        ),
+        _options(params, acc, x.device),
         vocab,
         params.ignore_index,
         HAS_WEIGHT=w is not None,
@@ -232,3 +311,87 @@ def cross_entropy_pass_triton(
     if lse_in is not None:
         loss.zero_()  # the loss is not recomputed from a given lse (backward never needs it)
     return loss, lse
+
+
+def _dense_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when its rows are unit-stride (what the kernels index), else a copy."""
+    return t if t is None or t.stride(1) == 1 else t.contiguous()
+
+
+def _probability_pass(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    weight: torch.Tensor | None,
+    row_coef: torch.Tensor | None,
+    params: CEParams,
+    lse_in: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    grad_target_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pass for ``(M, C)`` probability targets (:func:`_ce_prob_row_kernel`)."""
+    rows, vocab = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, q = _dense_rows(x), _dense_rows(q)
+    loss = torch.empty(rows, dtype=acc, device=x.device)
+    lse = lse_in if lse_in is not None else torch.empty(rows, dtype=acc, device=x.device)
+    w = None if weight is None else weight.to(device=x.device, dtype=acc).contiguous()
+    # Buffers with strided columns are written densely, then copied to the caller's buffer.
+    g, gq = _dense_rows(grad_out), _dense_rows(grad_target_out)
+    if rows > 0:
+        block, warps = _block_and_warps(vocab)
+        _ce_prob_row_kernel[(rows,)](
+            x,
+            x.stride(0),
+            q,
+            q.stride(0),
+            w,
+            row_coef,
+            loss,
+            lse,
+            lse,
+            g,
+            0 if g is None else g.stride(0),
+            gq,
+            0 if gq is None else gq.stride(0),
+            _options(params, acc, x.device),
+            vocab,
+            HAS_WEIGHT=w is not None,
+            HAS_SOFTCAP=params.softcap is not None,
+            HAS_LSE=lse_in is not None,
+            WRITE_GRAD=g is not None,
+            WRITE_QGRAD=gq is not None,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    for mine, theirs in ((g, grad_out), (gq, grad_target_out)):
+        if theirs is not None and mine is not theirs:
+            theirs.copy_(mine)
+    if lse_in is not None:
+        loss.zero_()
+    return loss, lse
+
+
+_OPTIONS: dict[tuple, torch.Tensor] = {}
+
+
+def _options(params: CEParams, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """ε, ζ and the cap as a small tensor of the compute dtype (scalar arguments would be fp32,
+    and fp64 inputs are computed in fp64 throughout).
+
+    Made by device-side fills (no host-to-device copy, so a call can be captured in a CUDA
+    graph) once per distinct options, and reused. One made during a capture is not kept: its
+    fills run only when the graph is replayed.
+    """
+    values = (params.label_smoothing, params.z_loss, params.softcap or 1.0)
+    key = (values, dtype, device)
+    opts = _OPTIONS.get(key)
+    if opts is None:
+        opts = torch.empty(3, dtype=dtype, device=device)
+        for i, value in enumerate(values):
+            opts[i].fill_(value)
+        if not (opts.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if len(_OPTIONS) >= 64:
+                _OPTIONS.clear()
+            _OPTIONS[key] = opts
+    return opts

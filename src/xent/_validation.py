@@ -78,3 +78,13 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss.mean()
+
+
+def host_reads_cheap(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs nothing: true on the CPU.
+
+    On an accelerator such a read (``.item()``, ``bool(t)``, ``nonzero``) waits for the device
+    to drain its queue and cannot be captured in a CUDA graph, so callers take a device-side
+    path there instead (an asynchronous assert, an unconditional multiply).
+    """
+    return t.device.type == "cpu"

@@ -21,6 +21,7 @@ from xent._validation import (
     check_label_smoothing,
     check_reduction,
     compute_dtype,
+    host_reads_cheap,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: in
     """``IndexError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``."""
     target = target.long()  # compare in int64 whatever the integer dtype (no wrap-around)
     invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if target.device.type == "cpu":
+    if host_reads_cheap(target):
         if bool(invalid.any()):
             bad = target[invalid].flatten()[0].item()
             raise IndexError(f"Target {bad} is out of bounds.")
@@ -197,7 +198,7 @@ def _row_coefficients(
     rows = target.shape[0]
     mean = params.reduction == "mean"
     if target.dim() == 2:
-        denom = torch.tensor(float(rows), dtype=dtype, device=target.device)
+        denom = torch.full((), float(rows), dtype=dtype, device=target.device)
         scale = 1.0 / rows if mean and rows else 1.0
         return torch.full((rows,), scale, dtype=dtype, device=target.device), denom
     w = _class_weight(weight, torch.empty((), dtype=dtype, device=target.device))
@@ -375,7 +376,7 @@ class _CrossEntropy(torch.autograd.Function):
                 x, target, weight, coef, params, grad_out=grad_x, grad_target_out=grad_q
             )
         # On CPU reading g is free, and skipping the multiply by 1 saves a pass over M × C.
-        if not (g.device.type == "cpu" and bool(g == 1)):
+        if not (host_reads_cheap(g) and bool(g == 1)):
             grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
             grad_q = None if grad_q is None else grad_q.mul_(g.to(grad_q.dtype))
         return grad_x, grad_q, None, None, None, None

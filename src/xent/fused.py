@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from xent._onepass import CEParams, pass_for, resolve_impl
-from xent._validation import Reduction, check_label_smoothing, check_reduction, compute_dtype
+from xent._validation import (
+    Reduction,
+    check_label_smoothing,
+    check_reduction,
+    compute_dtype,
+    host_reads_cheap,
+)
 from xent.activation import logsumexp
 from xent.classification import (
     _check_chunk_size,
@@ -172,7 +178,12 @@ def _coefficients(
     if opts.ce.reduction != "mean":
         return tw, None
     if opts.normalizer is not None:
-        denom = torch.as_tensor(opts.normalizer, dtype=dtype, device=target.device)
+        norm = opts.normalizer
+        denom = (
+            norm.to(device=target.device, dtype=dtype)
+            if isinstance(norm, torch.Tensor)
+            else torch.full((), norm, dtype=dtype, device=target.device)
+        )
     elif opts.class_weight is None:
         denom = tw.sum()
     else:
@@ -238,7 +249,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _, _, grad_x, grad_w, grad_b = _chunked_pass(
                 x, w, b, ctx.keep, opts, c, need, lse_in=None if scalar else lse_k
             )
-        if scalar and not (g.device.type == "cpu" and bool(g == 1)):
+        if scalar and not (host_reads_cheap(g) and bool(g == 1)):
             grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
             grad_w = None if grad_w is None else grad_w.mul_(g)
             grad_b = None if grad_b is None else grad_b.mul_(g)
