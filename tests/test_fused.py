@@ -309,3 +309,83 @@ def test_bias_dtype_and_double_backward_errors_are_clear():
     ref = xent.linear_cross_entropy(x, w, t, impl="reference")
     (g,) = torch.autograd.grad(ref, x, create_graph=True)
     assert g.requires_grad
+
+
+def _emulated_mm_fp32(a, b, out, *, bias=None, accumulate=False):
+    """What `torch.mm(a, b, out_dtype=torch.float32)` computes on a GPU (bf16 operands, wide
+    accumulators), on the CPU where that operator does not exist: for the data-flow test."""
+    prod = a.double() @ b.double()
+    if bias is not None:
+        prod += bias.double()
+    if accumulate:
+        prod += out.double()
+    return out.copy_(prod)
+
+
+@pytest.mark.parametrize("drop_ignored", [True, False])
+def test_bf16_tensor_core_path_within_torchs_own_error(monkeypatch, drop_ignored):
+    # The CUDA bf16 path (fp32 logits from bf16 products, the kernel writing ∂L/∂z in bf16, dX,
+    # dW, db from bf16 operands into fp32), with the product emulated, on the CPU.
+    fused = pytest.importorskip("xent.fused")
+    monkeypatch.setattr(fused, "_fp32_out_gemms", lambda x: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(fused, "_mm_fp32", _emulated_mm_fp32)
+    monkeypatch.setattr(fused, "_drop_ignored", lambda t: drop_ignored)
+    x64, w64, b64, t = _problem(n=67, h=32, v=203, seed=6)
+    x, w, b = (p.detach().to(torch.bfloat16).requires_grad_() for p in (x64, w64, b64))
+    for reduction in ("mean", "none"):
+        kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+        ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16, **kw)
+        theirs = _materialised(x, w, b, t, **kw)
+        xd, wd, bd = (p.detach().double().requires_grad_() for p in (x, w, b))
+        exact = _materialised(xd, wd, bd, t, **kw)
+        assert ours.dtype == torch.bfloat16
+        up = torch.ones_like(exact)
+        for go, gt, ge in zip(
+            _grads(ours, (x, w, b), up.to(torch.bfloat16)),
+            _grads(theirs, (x, w, b), up.to(torch.bfloat16)),
+            _grads(exact, (xd, wd, bd), up),
+            strict=True,
+        ):
+            assert go.dtype == torch.bfloat16
+            err, err_floor = (go.double() - ge).abs(), (gt.double() - ge).abs()
+            assert (err <= err_floor + 2e-2 * ge.abs().max()).all()
+        floor = (theirs.double() - exact).abs()
+        assert ((ours.double() - exact).abs() <= floor + 1e-2 * exact.abs() + 1e-3).all()
+
+
+def test_every_token_computed_when_ignored_ones_are_kept(monkeypatch):
+    # While a CUDA graph is captured, ignored tokens go through the products with weight 0.
+    fused = pytest.importorskip("xent.fused")
+    monkeypatch.setattr(fused, "_drop_ignored", lambda t: False)
+    x, w, b, t = _problem(seed=7)
+    tw = torch.rand(t.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for reduction in ("mean", "sum", "none"):
+        kw = dict(reduction=reduction, label_smoothing=0.1, token_weight=tw)
+        ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=7, **kw)
+        ref = _materialised(x, w, b, t, **kw)
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+        up = torch.randn(ours.shape, dtype=torch.float64)
+        for g_ours, g_ref in zip(
+            _grads(ours, (x, w, b), up), _grads(ref, (x, w, b), up), strict=True
+        ):
+            torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fp32_accumulate", [True, False])
+def test_fp32_out_products_are_well_formed(monkeypatch, fp32_accumulate):
+    # torch.mm/addmm with out_dtype exist on CUDA only; their meta versions check the arguments
+    # (dtypes, shapes, out=) that xent passes, including the blockwise fallback's.
+    fused = pytest.importorskip("xent.fused")
+    if not fused._HAS_OUT_DTYPE:
+        pytest.skip("this torch has no out_dtype products")
+    monkeypatch.setattr(fused, "_FP32_ACCUMULATE", [fp32_accumulate])
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    out = meta(8, 5, dtype=torch.float32)
+    assert fused._mm_fp32(meta(8, 3), meta(3, 5), out) is out
+    assert fused._mm_fp32(meta(8, 3), meta(3, 5), out, bias=meta(5)) is out
+    acc = meta(9000, 5000, dtype=torch.float32)  # several fallback row blocks
+    res = fused._mm_fp32(meta(5000, 9000).t(), meta(5000, 5000), acc, accumulate=True)
+    assert res is acc and res.dtype == torch.float32

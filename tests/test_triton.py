@@ -203,6 +203,84 @@ def test_probability_targets_in_place_strided_and_half():
     assert ((ours.double() - exact).abs() <= 2.0**-8 * exact.abs() + 1e-6).all()
 
 
+def test_no_host_reads_on_the_gpu_path(monkeypatch):
+    # On a GPU a host read (.item(), bool(t), nonzero, a tensor built from Python numbers) waits
+    # for the device and breaks CUDA-graph capture. Every aten call of forward and backward is
+    # recorded with the CPU's free host reads switched off, as on a GPU.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import xent.classification
+    import xent.fused
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    host_reads = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "unique"}
+    x = torch.randn(6, 40).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 40, (6,)).to(DEVICE)
+    t[0] = -100
+    q = torch.rand(6, 40).softmax(1).to(DEVICE)
+    h = torch.randn(6, 8).to(DEVICE).requires_grad_()
+    w = torch.randn(40, 8).to(DEVICE).requires_grad_()
+    norm = torch.full((), 3.0, device=DEVICE)
+    with Record() as probe:  # the probe itself sees a host read
+        bool(x.sum() > 0)
+    assert "_local_scalar_dense" in probe.ops
+    for module in (xent.classification, xent.fused):
+        monkeypatch.setattr(module, "host_reads_cheap", lambda t: False)
+    monkeypatch.setattr(xent.fused, "_drop_ignored", lambda t: False)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, impl="triton")
+    calls = [
+        lambda: xent.cross_entropy(x, t, **kw),
+        lambda: xent.cross_entropy(x, t, reduction="none", **kw).sum(),
+        lambda: xent.cross_entropy(x, q, **kw),
+        lambda: xent.linear_cross_entropy(h, w, t, normalizer=norm, **kw),
+        lambda: xent.linear_cross_entropy(h, w, t, reduction="none", **kw).sum(),
+    ]
+    for call in calls:
+        call().backward()  # first call: one-time set-up (the options' small tensor)
+        with Record() as rec:
+            call().backward()
+        assert not rec.ops & host_reads, rec.ops & host_reads
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_triton(reduction):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(21, 8, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = torch.randn(45, 8, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 45, (21,), generator=gen)
+    t[::6] = -100
+    t = t.to(DEVICE)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=8)
+    ours = xent.linear_cross_entropy(x, w, t, impl="triton", **kw)
+    ref = xent.linear_cross_entropy(x, w, t, impl="reference", **kw)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    up = torch.ones_like(ours)
+    for a, b in zip(
+        torch.autograd.grad(ours, (x, w), up), torch.autograd.grad(ref, (x, w), up), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_impl_choice_is_checked(monkeypatch):
+    x, t = torch.randn(2, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="impl must be one of 'auto', 'torch', 'triton'"):
+        xent.cross_entropy(x, t, impl="cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match=r"runs on CUDA tensors \(got a cpu tensor"):
+            xent.cross_entropy(x, t, impl="triton")
+        # "auto" on a CPU tensor is the torch kernel.
+        torch.testing.assert_close(xent.cross_entropy(x, t, impl="auto"), F.cross_entropy(x, t))
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_real_shapes_on_gpu(dtype):

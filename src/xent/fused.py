@@ -44,8 +44,9 @@ from xent.classification import (
 # enough (~390 rows at V = 32k) to run near full speed: on a 2-core CPU (`xent bench lce`),
 # 16 MiB chunks were ~15 % slower and 64 MiB ones ~5 % faster.
 CHUNK_BYTES = 48 << 20
-# On GPUs the products need far more rows to fill the tensor cores, and memory is plentiful: a
-# 512 MiB chunk (~1000 tokens at V = 128k) stays well within 1 GiB of the gradients' floor.
+# On GPUs the products need far more rows to fill the tensor cores, and memory is plentiful: 512
+# MiB of logits (and, on the bf16 path, their bf16 gradient) is ~680 tokens at V = 128k. Not yet
+# tuned on a GPU.
 CHUNK_BYTES_CUDA = 512 << 20
 
 
@@ -64,11 +65,13 @@ class LCEParams:
     normalizer: torch.Tensor | float | None = None
     chunk_tokens: int | None = None
 
-    def tokens_per_chunk(self, vocab: int, device: torch.device) -> int:
+    def tokens_per_chunk(self, vocab: int, device: torch.device, bytes_per_logit: int) -> int:
+        """``chunk_size`` if given, else as many tokens as the device's budget holds at
+        ``bytes_per_logit`` (4 for the fp32 logits; 6 with a bf16 copy of their gradient)."""
         if self.chunk_tokens is not None:
             return self.chunk_tokens
         budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES
-        return max(1, budget // (4 * max(vocab, 1)))
+        return max(1, budget // (bytes_per_logit * max(vocab, 1)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,11 +79,56 @@ class LCEParams:
 # --------------------------------------------------------------------------------------------
 
 
+def _fp32_out_gemms(x: torch.Tensor) -> bool:
+    """Whether bf16 products here can write fp32 results directly.
+
+    ``torch.mm(a, b, out_dtype=torch.float32)`` (CUDA, torch ≥ 2.8) runs a bf16 product on the
+    tensor cores with fp32 accumulators and stores them unrounded. Then the logits, ``∂L/∂X``
+    and the running ``∂L/∂W`` are fp32 while every product reads bf16: no fp32 (or TF32) GEMM
+    and no widening copy of a chunk. Elsewhere bf16 takes the portable path below.
+    """
+    return x.dtype == torch.bfloat16 and x.is_cuda and _HAS_OUT_DTYPE
+
+
+_HAS_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads()
+# Whether `addmm(acc, a, b, out_dtype=fp32, out=acc)` accepts an fp32 `acc` with bf16 `a`, `b`
+# (it does in recent torch; earlier versions wanted `acc` in bf16). Learnt on first use.
+_FP32_ACCUMULATE: list[bool] = [True]
+
+
+def _mm_fp32(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """``out ← a b (+ bias)``, or ``out += a b``, for bf16 ``a``, ``b`` and an fp32 ``out``."""
+    if accumulate:
+        if _FP32_ACCUMULATE[0]:
+            try:
+                return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            except RuntimeError:
+                _FP32_ACCUMULATE[0] = False
+        # Row blocks bound the fp32 temporary to ~256 MiB whatever the weight's size.
+        block = max(1, (256 << 20) // (4 * max(out.shape[1], 1)))
+        for r in range(0, out.shape[0], block):
+            out[r : r + block].add_(torch.mm(a[r : r + block], b, out_dtype=torch.float32))
+        return out
+    if bias is None:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.addmm(bias, a, b, out_dtype=torch.float32, out=out)
+
+
 def _chunk_logits(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
     """``x wᵀ + b`` for one chunk, written into ``out`` (fp32 statistics for bf16/fp16)."""
-    if out.dtype != x.dtype:  # half-precision product, then one rounding-free widening copy
+    if out.dtype != x.dtype:
+        if _fp32_out_gemms(x):
+            return _mm_fp32(x, w.t(), out, bias=b)
+        # Half-precision product, then one widening copy.
         return out.copy_(torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()))
     return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
@@ -103,6 +151,10 @@ def _chunked_pass(
     a matrix product. Each chunk gathers its own rows, so nothing ``N``-sized is copied. The
     returned ``(M)`` loss and log-sum-exp follow ``keep``'s order; ``∂L/∂x`` is full-sized with
     zero rows for dropped tokens.
+
+    Precision: the logits and all statistics are fp32 (fp64 for fp64). ``∂L/∂z`` is fp32 too,
+    except on the bf16 tensor-core path (:func:`_fp32_out_gemms`), where the kernel writes it in
+    bf16, the operand the products read; the products accumulate in fp32 either way.
     """
     n_kept = x.shape[0] if keep is None else keep.numel()
     vocab = w.shape[0]
@@ -117,21 +169,26 @@ def _chunked_pass(
         make = torch.empty if keep is None else torch.zeros
         grad_x = make(x.shape, dtype=cdtype, device=x.device)
     # ∂L/∂W is a sum over all tokens: accumulate it in fp32 whatever the weight's dtype. The
-    # first chunk overwrites it (beta=0), so it starts uninitialised; an empty batch zeroes it.
+    # first chunk overwrites it, so it starts uninitialised; an empty batch zeroes it.
     grad_w = torch.empty(w.shape, dtype=cdtype, device=w.device) if need_w else None
     if grad_w is not None and n_kept == 0:
         grad_w.zero_()
     grad_b = torch.zeros(vocab, dtype=cdtype, device=w.device) if need_b else None
     target = opts.target
+    tensor_cores = _fp32_out_gemms(x)
     w_fp32 = w.to(cdtype) if need_x and w.dtype == torch.float16 else None
-    step = opts.tokens_per_chunk(vocab, x.device)
-    # One logits buffer for all chunks: allocated (and page-faulted) once per call, not per chunk.
-    logits = torch.empty((min(step, n_kept), vocab), dtype=cdtype, device=x.device)
+    step = opts.tokens_per_chunk(vocab, x.device, 6 if tensor_cores else 4)
+    # One buffer per chunk-sized array for all chunks: allocated once per call, not per chunk.
+    size = (min(step, n_kept), vocab)
+    logits = torch.empty(size, dtype=cdtype, device=x.device)
+    wants_grad = coef is not None and (need_x or need_w or need_b)
+    dlogits = torch.empty(size, dtype=x.dtype, device=x.device) if tensor_cores else logits
     for start in range(0, n_kept, step):
         stop = min(start + step, n_kept)
         rows = slice(start, stop) if keep is None else keep[start:stop]
         xs = x[rows]
         z = _chunk_logits(xs, w, b, logits[: stop - start])
+        dz = dlogits[: stop - start]  # ∂L/∂z: over z itself, or a bf16 buffer
         chunk_loss, chunk_lse = pass_for(opts.ce)(
             z,
             target[rows],
@@ -139,27 +196,35 @@ def _chunked_pass(
             None if coef is None else coef[rows],
             opts.ce,
             lse_in=None if lse_in is None else lse_in[start:stop],
-            grad_out=None if coef is None else z,  # z becomes ∂L/∂z in place
+            grad_out=dz if wants_grad else None,
         )
         loss[start:stop] = chunk_loss
         lse[start:stop] = chunk_lse
-        if coef is None:
+        if not wants_grad:
             continue
         if grad_x is not None:
-            # fp16 cannot hold the small entries of ∂L/∂z (they are ~p/N): that product runs in
-            # fp32 on an fp32 copy of the weight. bf16 has fp32's range and keeps its fast path.
-            if w_fp32 is not None:
-                dx = torch.mm(z, w_fp32)
+            if tensor_cores and keep is None:
+                _mm_fp32(dz, w, grad_x[rows])
             else:
-                dx = torch.mm(z.to(w.dtype), w).to(cdtype)
-            if keep is None:
-                grad_x[rows] = dx
-            else:
-                grad_x.index_copy_(0, rows, dx)
+                if tensor_cores:
+                    dx = _mm_fp32(dz, w, torch.empty_like(xs, dtype=cdtype))
+                elif w_fp32 is not None:
+                    # fp16 cannot hold the small entries of ∂L/∂z (they are ~p/N): that
+                    # product runs in fp32 on an fp32 copy of the weight.
+                    dx = torch.mm(dz, w_fp32)
+                else:
+                    dx = torch.mm(dz.to(w.dtype), w).to(cdtype)
+                if keep is None:
+                    grad_x[rows] = dx
+                else:
+                    grad_x.index_copy_(0, rows, dx)
         if grad_w is not None:
-            grad_w.addmm_(z.t(), xs if xs.dtype == cdtype else xs.to(cdtype), beta=start > 0)
+            if tensor_cores:
+                _mm_fp32(dz.t(), xs, grad_w, accumulate=start > 0)
+            else:
+                grad_w.addmm_(dz.t(), xs if xs.dtype == cdtype else xs.to(cdtype), beta=start > 0)
         if grad_b is not None:
-            grad_b += z.sum(dim=0)
+            grad_b += dz.sum(dim=0, dtype=cdtype)
     return loss, lse, grad_x, grad_w, grad_b
 
 
@@ -193,6 +258,17 @@ def _coefficients(
     return torch.where(valid, tw / denom, 0.0), denom
 
 
+def _drop_ignored(target: torch.Tensor) -> bool:
+    """Whether ignored tokens are dropped before the matrix products.
+
+    Listing the kept tokens needs their count on the host: free on the CPU, one wait for the
+    queue on a GPU, which the products it saves repay whenever a few percent of the tokens are
+    ignored. While a CUDA graph is being captured nothing may be read back, so every token is
+    computed instead (ignored ones with a zero coefficient): the capture stays valid.
+    """
+    return host_reads_cheap(target) or not torch.cuda.is_current_stream_capturing()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Linear + cross-entropy on ``(N, H)`` inputs and ``(N)`` targets.
 
@@ -204,18 +280,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ce, target = opts.ce, opts.target
         cdtype = compute_dtype(x.dtype)
         coef, denom = _coefficients(target, opts, cdtype)
-        # Ignored tokens contribute nothing: drop them before any matrix product. (Listing
-        # them needs their count on the host; on the CPU that costs nothing.)
-        keep = (target != ce.ignore_index).nonzero().squeeze(1)
-        keep_or_all = None if keep.numel() == target.numel() else keep
+        keep = keep_or_all = None
+        if _drop_ignored(target):
+            keep = (target != ce.ignore_index).nonzero().squeeze(1)
+            keep_or_all = None if keep.numel() == target.numel() else keep
         scalar = ce.reduction != "none"
         need = tuple(ctx.needs_input_grad[:3])
         loss_k, lse_k, grad_x, gw, gb = _chunked_pass(
             x, w, b, keep_or_all, opts, coef if scalar else None, need
         )
         tw = coef if ce.reduction != "mean" else coef * denom  # the token weights t_i
-        per_token = torch.zeros(target.shape[0], dtype=cdtype, device=x.device)
-        per_token.index_copy_(0, keep, loss_k * tw.index_select(0, keep))
+        if keep is None:  # every token went through (ignored ones with loss 0 and weight 0)
+            per_token = loss_k * tw
+        else:
+            per_token = torch.zeros(target.shape[0], dtype=cdtype, device=x.device)
+            per_token.index_copy_(0, keep, loss_k * tw.index_select(0, keep))
         if ce.reduction == "mean":
             out = per_token.sum() / denom
         elif ce.reduction == "sum":
@@ -449,15 +528,16 @@ def linear_cross_entropy(
         linear_bias: optional ``(V)``.
         weight: optional ``(V)`` class weights.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
-        ignore_index: targets equal to it are dropped before any matrix product.
+        ignore_index: targets equal to it are dropped before any matrix product (except while
+            a CUDA graph is being captured: then they are computed with weight 0).
         label_smoothing: ``ε`` in ``[0, 1]``, over the whole vocabulary.
         z_loss: ``ζ ≥ 0``, coefficient of ``lse²`` (PaLM's auxiliary loss).
         softcap: ``s > 0`` caps logits to ``s·tanh(z/s)`` (Gemma 2).
         normalizer: denominator of ``"mean"`` instead of the token count: a number or a
             one-element tensor (never read on the host).
         token_weight: optional ``(...)`` per-token weights.
-        chunk_size: tokens per chunk; default: as many as fit 48 MiB of fp32 logits (512 MiB
-            on CUDA).
+        chunk_size: tokens per chunk; default: as many as fit 48 MiB of fp32 logits (on CUDA,
+            512 MiB of logits and, for bf16, their bf16 gradient).
         impl: ``"auto"`` (the chunked path; its logits-to-gradient kernel in Triton on CUDA
             when installed), ``"torch"`` or ``"triton"`` (that kernel chosen explicitly; the
             matrix products are torch's, cuBLAS on GPUs), or ``"reference"`` (materialise the
