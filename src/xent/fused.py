@@ -109,7 +109,9 @@ def _mm_fp32(
         if _FP32_ACCUMULATE[0]:
             try:
                 return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            except RuntimeError:
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError:  # the dtype check refuses before anything runs
                 _FP32_ACCUMULATE[0] = False
         # Row blocks bound the fp32 temporary to ~256 MiB whatever the weight's size.
         block = max(1, (256 << 20) // (4 * max(out.shape[1], 1)))
