@@ -77,6 +77,9 @@ def main() -> None:
             )
             if gap > 1e-4:
                 raise SystemExit("vocabulary-parallel loss disagrees with single-process xent")
+    # Every rank waits for rank 0's check: a rank that tears its group down while a peer is still
+    # working can be aborted by gloo.
+    dist.barrier()
     dist.destroy_process_group()
 
 

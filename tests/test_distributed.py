@@ -65,6 +65,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         grads = torch.autograd.grad(loss2, (xi, wi, bi), upstream)
         results.append((loss.detach(), g_logits, loss2.detach(), *grads))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while a peer still works
     dist.destroy_process_group()
 
 
@@ -128,6 +129,7 @@ def _error_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     grads = torch.autograd.grad(sum(losses), (x, w, h), allow_unused=False)
     messages.append([bool(torch.isnan(v)) for v in losses] + [bool((g == 0).all()) for g in grads])
     torch.save(messages, os.path.join(out_dir, f"err{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while a peer still works
     dist.destroy_process_group()
 
 
