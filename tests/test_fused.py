@@ -369,6 +369,17 @@ def test_every_token_computed_when_ignored_ones_are_kept(monkeypatch):
             _grads(ours, (x, w, b), up), _grads(ref, (x, w, b), up), strict=True
         ):
             torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-12)
+    # Ignored tokens' hidden states (padding, possibly NaN) add nothing, not 0·NaN.
+    ignored = (t == -100)[:, None]
+    padded = x.detach().masked_fill(ignored, torch.nan).requires_grad_()
+    loss = xent.linear_cross_entropy(padded, w, t, linear_bias=b, chunk_size=7)
+    ref = _materialised(x, w, b, t)
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    g_pad, g_w, g_b = torch.autograd.grad(loss, (padded, w, b))
+    r_x, r_w, r_b = torch.autograd.grad(ref, (x, w, b))
+    torch.testing.assert_close(g_pad, r_x, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g_w, r_w, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g_b, r_b, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("fp32_accumulate", [True, False])

@@ -227,7 +227,6 @@ def cross_entropy_pass(
             if w is not None:
                 wq.mul_(w)
             big_s = wq.sum(dim=1, keepdim=True)
-            wz = torch.linalg.vecdot(wq, z, dim=1).unsqueeze(1)
         else:
             ys = safe[start:stop, None]
             row_valid = valid[start:stop, None]
@@ -255,16 +254,21 @@ def cross_entropy_pass(
         # rounding of the product adds a relative error of at most |z - m|·2⁻²⁴ to each term.
         shift = m if m is not None else lse_in[start:stop, None]
         torch.sub(z, shift, out=e)
+        if probs:
+            # Σ w q' (z - m), relative to the max: the loss log(s)·S - Σ w q' (z - m) then never
+            # subtracts two large numbers when the logits are far from 0.
+            wz = torch.linalg.vecdot(wq, e, dim=1).unsqueeze(1)
         e.mul_(LOG2E).exp2_()
         if m is not None:
             s = e.sum(dim=1, keepdim=True)
-            lse = m + s.log()
+            log_s = s.log()  # lse - m
+            lse = m + log_s
         else:
-            lse, s = shift, None  # e is already normalised: e = p
+            lse, s, log_s = shift, None, 0.0  # e is already normalised: e = p
         lse_all[start:stop] = lse.squeeze(1)
 
         if probs:
-            row_loss = lse * big_s - wz
+            row_loss = log_s * big_s - wz
             a_coef = big_s
         else:
             # Ignored rows are zeroed with `where` (their logits may be ±inf; 0·inf is NaN).

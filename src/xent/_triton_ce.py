@@ -178,11 +178,14 @@ def _ce_prob_row_kernel(
     x_row = X + row * stride_x
     q_row = Q + row * stride_q
 
-    # Pass 1: S and Σ w q' z always (S enters the gradient); max and sum unless lse is given.
+    # Pass 1: S always (it enters the gradient); unless lse is given, the running max m, the
+    # sum s = Σ e^{z - m} and Σ w q' (z - m), kept relative to the running max so that the loss
+    # log(s)·S - Σ w q' (z - m) never subtracts two large numbers (logits far from 0).
     big_s = tl.zeros((), ACC)
     wqz = tl.zeros((), ACC)
     m = tl.full((), float("-inf"), ACC)
     s = tl.zeros((), ACC)
+    shift = tl.zeros((), ACC)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
@@ -190,22 +193,26 @@ def _ce_prob_row_kernel(
         if HAS_WEIGHT:
             wq *= tl.load(W + cols, mask=mask, other=0.0).to(ACC)
         wq = tl.where(mask, wq, 0.0)
-        big_s += tl.sum(wq, axis=0)
         if not HAS_LSE:
             z = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
             if HAS_SOFTCAP:
                 z = softcap * _tanh(z / softcap)
-            wqz += tl.sum(wq * z, axis=0)  # masked lanes: wq = 0 and z = 0
-            z = tl.where(mask, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
-            m = m_new
+            m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), axis=0))
+            # An all -inf row so far is shifted by 0: exp(-inf - 0) = 0, never -inf - (-inf).
+            new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - new_shift) + tl.sum(
+                tl.where(mask, tl.exp(z - new_shift), 0.0), axis=0
+            )
+            # Earlier blocks move to the new reference; masked lanes add wq·z = 0.
+            wqz += (shift - new_shift) * big_s + tl.sum(wq * (z - new_shift), axis=0)
+            m, shift = m_new, new_shift
+        big_s += tl.sum(wq, axis=0)
     if HAS_LSE:
         lse = tl.load(LSE_IN + row).to(ACC)
     else:
-        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-        tl.store(LOSS + row, lse * big_s - wqz + zeta * lse * lse)
+        log_s = tl.log(s)  # lse - shift
+        lse = shift + log_s
+        tl.store(LOSS + row, log_s * big_s - wqz + zeta * lse * lse)
         tl.store(LSE + row, lse)
 
     if WRITE_GRAD or WRITE_QGRAD:
@@ -380,8 +387,9 @@ def _options(params: CEParams, dtype: torch.dtype, device: torch.device) -> torc
     and fp64 inputs are computed in fp64 throughout).
 
     Made by device-side fills (no host-to-device copy, so a call can be captured in a CUDA
-    graph) once per distinct options, and reused. One made during a capture is not kept: its
-    fills run only when the graph is replayed.
+    graph) once per distinct options, and kept for the life of the process (a captured graph may
+    hold it). One made during a capture is not kept: its fills run only when the graph is
+    replayed. Past 64 distinct options, new ones are made per call instead of kept.
     """
     values = (params.label_smoothing, params.z_loss, params.softcap or 1.0)
     key = (values, dtype, device)
@@ -390,8 +398,7 @@ def _options(params: CEParams, dtype: torch.dtype, device: torch.device) -> torc
         opts = torch.empty(3, dtype=dtype, device=device)
         for i, value in enumerate(values):
             opts[i].fill_(value)
-        if not (opts.is_cuda and torch.cuda.is_current_stream_capturing()):
-            if len(_OPTIONS) >= 64:
-                _OPTIONS.clear()
+        capturing = opts.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and len(_OPTIONS) < 64:
             _OPTIONS[key] = opts
     return opts

@@ -179,16 +179,24 @@ def _chunked_pass(
     target = opts.target
     tensor_cores = _fp32_out_gemms(x)
     w_fp32 = w.to(cdtype) if need_x and w.dtype == torch.float16 else None
-    step = opts.tokens_per_chunk(vocab, x.device, 6 if tensor_cores else 4)
+    wants_grad = coef is not None and (need_x or need_w or need_b)
+    split = tensor_cores and wants_grad  # ∂L/∂z in its own bf16 buffer
+    step = opts.tokens_per_chunk(vocab, x.device, 6 if split else 4)
     # One buffer per chunk-sized array for all chunks: allocated once per call, not per chunk.
     size = (min(step, n_kept), vocab)
     logits = torch.empty(size, dtype=cdtype, device=x.device)
-    wants_grad = coef is not None and (need_x or need_w or need_b)
-    dlogits = torch.empty(size, dtype=x.dtype, device=x.device) if tensor_cores else logits
+    dlogits = torch.empty(size, dtype=x.dtype, device=x.device) if split else logits
+    # Every token is computed (keep_all): ignored ones get zero hidden states, so that whatever
+    # their rows hold (even NaN padding) adds exactly nothing to ∂W and ∂b.
+    ignored = None
+    if keep is None and not _drop_ignored(opts.target) and wants_grad:
+        ignored = (opts.target == opts.ce.ignore_index)[:, None]
     for start in range(0, n_kept, step):
         stop = min(start + step, n_kept)
         rows = slice(start, stop) if keep is None else keep[start:stop]
         xs = x[rows]
+        if ignored is not None:
+            xs = xs.masked_fill(ignored[rows], 0.0)
         z = _chunk_logits(xs, w, b, logits[: stop - start])
         dz = dlogits[: stop - start]  # ∂L/∂z: over z itself, or a bf16 buffer
         chunk_loss, chunk_lse = pass_for(opts.ce)(
@@ -268,7 +276,9 @@ def _drop_ignored(target: torch.Tensor) -> bool:
     ignored. While a CUDA graph is being captured nothing may be read back, so every token is
     computed instead (ignored ones with a zero coefficient): the capture stays valid.
     """
-    return host_reads_cheap(target) or not torch.cuda.is_current_stream_capturing()
+    return host_reads_cheap(target) or not (
+        target.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
