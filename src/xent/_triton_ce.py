@@ -266,55 +266,42 @@ def cross_entropy_pass_triton(
     rows, vocab = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     target = target.contiguous()  # the kernel reads target[row] at offset row
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = _dense_rows(x)
     loss = torch.empty(rows, dtype=acc, device=x.device)
     lse = lse_in if lse_in is not None else torch.empty(rows, dtype=acc, device=x.device)
     w = None if weight is None else weight.to(device=x.device, dtype=acc).contiguous()
     w_sum = None if w is None else w.sum().reshape(1)
-    if grad_out is not None and grad_out.stride(1) != 1:
-        # Strided columns (e.g. transposed logits written in place): compute into contiguous
-        # rows, then copy into the caller's buffer.
-        loss, lse = cross_entropy_pass_triton(
+    # Strided columns (e.g. transposed logits written in place): computed into dense rows, then
+    # copied into the caller's buffer.
+    g = _dense_rows(grad_out)
+    if rows > 0:
+        block, warps = _block_and_warps(vocab)
+        _ce_row_kernel[(rows,)](
             x,
+            x.stride(0),
             target,
-            weight,
+            w,
+            w_sum,
             row_coef,
-            params,
-            lse_in=lse_in,
-            grad_out=(
-                dense := torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
-            ),
+            loss,
+            lse,
+            lse,
+            g,
+            0 if g is None else g.stride(0),
+            _options(params, acc, x.device),
+            vocab,
+            params.ignore_index,
+            HAS_WEIGHT=w is not None,
+            HAS_SOFTCAP=params.softcap is not None,
+            SMOOTH=params.label_smoothing > 0.0,
+            HAS_LSE=lse_in is not None,
+            WRITE_GRAD=g is not None,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            BLOCK=block,
+            num_warps=warps,
         )
-        grad_out.copy_(dense)
-        return loss, lse
-    if rows == 0:
-        return loss, lse
-    block, warps = _block_and_warps(vocab)
-    _ce_row_kernel[(rows,)](
-        x,
-        x.stride(0),
-        target,
-        w,
-        w_sum,
-        row_coef,
-        loss,
-        lse,
-        lse,
-        grad_out,
-        0 if grad_out is None else grad_out.stride(0),
-        _options(params, acc, x.device),
-        vocab,
-        params.ignore_index,
-        HAS_WEIGHT=w is not None,
-        HAS_SOFTCAP=params.softcap is not None,
-        SMOOTH=params.label_smoothing > 0.0,
-        HAS_LSE=lse_in is not None,
-        WRITE_GRAD=grad_out is not None,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK=block,
-        num_warps=warps,
-    )
+    if grad_out is not None and g is not grad_out:
+        grad_out.copy_(g)
     if lse_in is not None:
         loss.zero_()  # the loss is not recomputed from a given lse (backward never needs it)
     return loss, lse
