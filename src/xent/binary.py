@@ -19,6 +19,7 @@ from xent._validation import (
     check_floating,
     check_reduction,
     check_same_shape,
+    check_tensor_args,
     compute_dtype,
     reduce,
 )
@@ -177,6 +178,9 @@ def binary_cross_entropy(
         >>> binary_cross_entropy(torch.tensor([0.0]), torch.tensor([1.0]))
         tensor(100.)
     """
+    check_tensor_args(
+        binary_cross_entropy, input=input, target=target, weight=weight, real=("weight",)
+    )
     check_floating("input", input)
     check_floating("target", target)
     check_reduction(reduction)
@@ -337,6 +341,14 @@ def binary_cross_entropy_with_logits(
         ...            torch.tensor([1.0, 0.0, 0.0]), reduction="none")
         tensor([0., 0., inf])
     """
+    check_tensor_args(
+        binary_cross_entropy_with_logits,
+        input=input,
+        target=target,
+        weight=weight,
+        pos_weight=pos_weight,
+        real=("weight", "pos_weight"),
+    )
     check_floating("input", input)
     check_floating("target", target)
     check_reduction(reduction)

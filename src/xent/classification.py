@@ -20,6 +20,7 @@ from xent._validation import (
     Reduction,
     check_label_smoothing,
     check_reduction,
+    check_tensor_args,
     compute_dtype,
     host_reads_cheap,
 )
@@ -637,6 +638,9 @@ def cross_entropy(
         >>> xent.cross_entropy(logits, torch.tensor([1]), label_smoothing=0.1)
         tensor(0.9394)
     """
+    check_tensor_args(
+        cross_entropy, input=input, target=target, weight=weight, floating=("input", "weight")
+    )
     check_reduction(reduction)
     eps = check_label_smoothing(label_smoothing)
     _check_input(input)
@@ -710,6 +714,9 @@ def nll_loss(
         >>> xent.nll_loss(log_p, torch.tensor([2]))
         tensor(0.2485)
     """
+    check_tensor_args(
+        nll_loss, input=input, target=target, weight=weight, floating=("input", "weight")
+    )
     check_reduction(reduction)
     _check_input(input)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]

@@ -25,8 +25,10 @@ import torch
 from xent._onepass import CEParams, pass_for, resolve_impl
 from xent._validation import (
     Reduction,
+    as_index_target,
     check_label_smoothing,
     check_reduction,
+    check_tensor_args,
     compute_dtype,
     host_reads_cheap,
 )
@@ -461,6 +463,18 @@ def linear_cross_entropy_reference(
         >>> xent.linear_cross_entropy_reference(x, w, torch.tensor([0, 1]))
         tensor(0.3133)
     """
+    check_tensor_args(
+        linear_cross_entropy_reference,
+        input=input,
+        linear_weight=linear_weight,
+        target=target,
+        linear_bias=linear_bias,
+        weight=weight,
+        token_weight=token_weight,
+        floating=("input", "linear_weight", "linear_bias", "weight"),
+        real=("token_weight",),
+    )
+    target = as_index_target("target", target, linear_cross_entropy_reference)
     x = input.reshape(-1, input.shape[-1])
     cdtype = compute_dtype(input.dtype)
     z = x.to(cdtype) @ linear_weight.to(cdtype).t()
@@ -574,6 +588,17 @@ def linear_cross_entropy(
         >>> xent.linear_cross_entropy(x, w, torch.tensor([0, 1]), reduction="sum", normalizer=None)
         tensor(0.6265)
     """
+    check_tensor_args(
+        linear_cross_entropy,
+        input=input,
+        linear_weight=linear_weight,
+        target=target,
+        linear_bias=linear_bias,
+        weight=weight,
+        token_weight=token_weight,
+        floating=("input", "linear_weight", "linear_bias", "weight"),
+        real=("token_weight",),
+    )
     check_reduction(reduction)
     eps = check_label_smoothing(label_smoothing)
     kernel = "torch" if impl == "reference" else resolve_impl(impl, input, IMPLS)
