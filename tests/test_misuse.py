@@ -208,32 +208,26 @@ NON_TENSORS: dict[str, Callable[[torch.Tensor], Any]] = {
 DTYPES = (torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64)
 
 
-def _derived(name: str, entry: Entry) -> Iterator[Case]:
-    slots = {**entry.args, **entry.kwargs}
-    for slot, value in slots.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-
-        def call(replacement: Any, slot: str = slot) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            args = {k: (replacement if k == slot else v) for k, v in entry.args.items()}
-            kwargs = {k: (replacement if k == slot else v) for k, v in entry.kwargs.items()}
-            return tuple(args.values()), kwargs
-
-        for kind, make in NON_TENSORS.items():
-            yield Case(name, f"{slot}-{kind}", *call(make(value)), mentions=(slot,))
-        for dtype in DTYPES:
-            if dtype != value.dtype:
-                dtype_name = str(dtype).removeprefix("torch.")
-                cast = value.to(dtype)
-                yield Case(name, f"{slot}-{dtype_name}", *call(cast), mentions=(dtype_name,))
-
-
 def _with(name: str, slot: str, value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``TABLE[name]``'s correct call with ``slot`` replaced by ``value``."""
     entry = TABLE[name]
     args = {k: (value if k == slot else v) for k, v in entry.args.items()}
     kwargs = {k: (value if k == slot else v) for k, v in entry.kwargs.items()}
     return tuple(args.values()), kwargs
+
+
+def _derived(name: str, entry: Entry) -> Iterator[Case]:
+    """Each tensor argument in turn as a non-tensor, then cast to each other dtype."""
+    for slot, value in {**entry.args, **entry.kwargs}.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for kind, make in NON_TENSORS.items():
+            yield Case(name, f"{slot}-{kind}", *_with(name, slot, make(value)), mentions=(slot,))
+        for dtype in DTYPES:
+            if dtype != value.dtype:
+                dtype_name = str(dtype).removeprefix("torch.")
+                call = _with(name, slot, value.to(dtype))
+                yield Case(name, f"{slot}-{dtype_name}", *call, mentions=(dtype_name,))
 
 
 def _oracle_on(name: str, slot: str, value: Any) -> dict[str, Any]:
@@ -289,6 +283,7 @@ CASES: list[Case] = [
     Case("softmax", "int-dtype-int64", (_INTS, 1), dict(dtype=torch.int64), mentions=("int64",)),
     Case("softmax", "float-dtype-bool", (LOGITS, 1), dict(dtype=torch.bool), mentions=("bool",)),
     Case("softmax", "float-dtype-complex", (LOGITS, 1), dict(dtype=torch.complex64)),
+    Case("softmax", "dtype-str", (LOGITS, 1), dict(dtype="float32"), mentions=("'dtype'",)),
     Case("log_softmax", "int-dtype-float32", (_INTS, 1), dict(dtype=torch.float32)),
     Case("log_softmax", "uint8-dtype-float64", (_INTS.abs().byte(), 1), dict(dtype=torch.float64)),
     Case(
@@ -323,11 +318,12 @@ def _all_cases() -> list[Case]:
     for name, entry in TABLE.items():
         if entry.derive:
             cases.extend(_derived(name, entry))
-    out = []
-    for case in cases:
-        change = DEVIATIONS.get(f"{case.name}/{case.id}", {})
-        out.append(Case(**{**case.__dict__, **change}))
-    return out
+    ids = [f"{case.name}/{case.id}" for case in cases]
+    assert len(set(ids)) == len(ids), "duplicate case ids"
+    assert set(DEVIATIONS) <= set(ids), f"deviations of no case: {set(DEVIATIONS) - set(ids)}"
+    return [
+        Case(**{**c.__dict__, **DEVIATIONS.get(i, {})}) for c, i in zip(cases, ids, strict=True)
+    ]
 
 
 ALL_CASES = _all_cases()

@@ -37,6 +37,10 @@ def _softmax_input(function: str, input: torch.Tensor, dtype: torch.dtype | None
     (a complex input then loses its imaginary part, with PyTorch's warning).
     """
     if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(
+                f"{function}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}"
+            )
         if not dtype.is_floating_point:
             raise DtypeError(f"{function}(): dtype must be a floating dtype, got {dtype}")
         return input.to(dtype)
