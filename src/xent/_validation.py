@@ -6,8 +6,6 @@ in the message, before any arithmetic happens.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -150,15 +148,17 @@ def check_tensor(
     )
 
 
-@functools.cache
-def _tensor_slots(function: Callable[..., Any]) -> dict[str, tuple[int | None, bool]]:
-    """Each parameter of ``function``: its 1-based position (``None`` if keyword-only) and
-    whether its default is ``None``."""
-    slots = {}
-    for i, param in enumerate(inspect.signature(function).parameters.values()):
-        positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
-        slots[param.name] = (i + 1 if positional else None, param.default is None)
-    return slots
+def _slot(function: Callable[..., Any], name: str) -> tuple[int | None, bool]:
+    """Parameter ``name`` of ``function``: its 1-based position (``None`` if keyword-only) and
+    whether its default is ``None``. Read off the code object, which ``torch.compile`` traces."""
+    code = function.__code__
+    index = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount].index(name)
+    if index < code.co_argcount:
+        defaults = function.__defaults__ or ()
+        first = code.co_argcount - len(defaults)
+        return index + 1, index >= first and defaults[index - first] is None
+    kwdefaults = function.__kwdefaults__ or {}
+    return None, name in kwdefaults and kwdefaults[name] is None
 
 
 def check_tensor_args(
@@ -170,16 +170,16 @@ def check_tensor_args(
 ) -> None:
     """Check a public function's tensor arguments before anything reads them.
 
-    Each keyword in ``args`` must be a tensor (:func:`check_tensor`; its position and whether
-    ``None`` may stand for it are read off ``function``'s signature). Those named in
+    Each keyword in ``args`` must be a tensor (:func:`check_tensor`; its position, and whether
+    ``None`` may stand for it, are read off ``function``'s signature). Those named in
     ``floating`` must have a floating dtype and those in ``real`` must not be complex (PyTorch
     promotes integer and boolean per-element weights), else :class:`DtypeError` naming the
     argument and its dtype.
     """
-    slots = _tensor_slots(function)
     for name, value in args.items():
-        position, optional = slots[name]
-        check_tensor(name, value, position, function.__name__, optional=optional)
+        if not isinstance(value, torch.Tensor):  # the signature is read only off this path
+            position, optional = _slot(function, name)
+            check_tensor(name, value, position, function.__name__, optional=optional)
     for name in floating:
         value = args[name]
         if value is not None and not value.is_floating_point():
