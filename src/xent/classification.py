@@ -376,7 +376,11 @@ class _CrossEntropy(torch.autograd.Function):
                 x, target, weight, coef, params, grad_out=grad_x, grad_target_out=grad_q
             )
         # On CPU reading g is free, and skipping the multiply by 1 saves a pass over M × C.
-        if not (host_reads_cheap(g) and bool(g == 1)):
+        if params.impl == "triton" and not host_reads_cheap(g):
+            from xent._triton_ce import scale_unless_one_  # the same skip, decided on the device
+
+            grad_x, grad_q = scale_unless_one_(grad_x, g), scale_unless_one_(grad_q, g)
+        elif not (host_reads_cheap(g) and bool(g == 1)):
             grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
             grad_q = None if grad_q is None else grad_q.mul_(g.to(grad_q.dtype))
         return grad_x, grad_q, None, None, None, None

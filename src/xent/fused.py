@@ -340,7 +340,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _, _, grad_x, grad_w, grad_b = _chunked_pass(
                 x, w, b, ctx.keep, opts, c, need, lse_in=None if scalar else lse_k
             )
-        if scalar and not (host_reads_cheap(g) and bool(g == 1)):
+        if scalar and opts.ce.impl == "triton" and not host_reads_cheap(g):
+            from xent._triton_ce import scale_unless_one_  # skips g == 1 on the device
+
+            grad_x, grad_w = scale_unless_one_(grad_x, g), scale_unless_one_(grad_w, g)
+            grad_b = scale_unless_one_(grad_b, g)
+        elif scalar and not (host_reads_cheap(g) and bool(g == 1)):
             grad_x = None if grad_x is None else grad_x.mul_(g.to(grad_x.dtype))
             grad_w = None if grad_w is None else grad_w.mul_(g)
             grad_b = None if grad_b is None else grad_b.mul_(g)
