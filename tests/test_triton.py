@@ -340,11 +340,7 @@ def test_cuda_graph_capture_and_replay():
         loss = xent.cross_entropy(x, t, label_smoothing=0.1) + xent.linear_cross_entropy(h, w, t)
         return loss, torch.autograd.grad(loss, (x, h, w))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture (compiles the kernels)
-    torch.cuda.current_stream().wait_stream(side)
+    triton_ce.warm_up(step)  # outside the capture: compiles every kernel variant step needs
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss, grads = step()
@@ -572,6 +568,14 @@ def test_tensor_arguments_on_another_device_are_named():
         )
     with pytest.raises(TypeError, match=r"does not support logits of dtype torch\.complex64"):
         triton_ce.cross_entropy_pass_triton(x.to(torch.complex64), t, None, None, params)
+
+
+def test_fp8_e4m3_needs_sm89():
+    triton_ce._check_dtype(torch.float8_e4m3fn, (9, 0))
+    triton_ce._check_dtype(torch.float8_e5m2, (8, 0))
+    triton_ce._check_dtype(torch.float8_e4m3fn, None)  # the interpreter
+    with pytest.raises(TypeError, match=r"compute capability 8\.9 or newer \(this one is 8\.0\)"):
+        triton_ce._check_dtype(torch.float8_e4m3fn, (8, 0))
 
 
 def test_warm_up_runs_the_step_once():

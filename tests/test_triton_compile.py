@@ -67,6 +67,9 @@ def _facts(compiled, workdir: Path) -> dict:
             or [0]
         ),
         "f32_compare": bool(re.search(r"setp\.\w+\.f32", ptx)),
+        # Pass 1 keeps the row in L2 for pass 2; pass 2 and the gradient stream through.
+        "evict_last_loads": bool(re.search(r"ld\.global\.L1::evict_last", ptx)),
+        "evict_first_stores": bool(re.search(r"st\.global\.L1::evict_first", ptx)),
     }
 
 
@@ -88,6 +91,7 @@ def _ce_args(
     lse=False,
     grad=True,
     block=4096,
+    n_rows=ROWS,
 ):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = torch.empty(ROWS, vocab, dtype=dtype)
@@ -107,7 +111,7 @@ def _ce_args(
         g if grad else None,
         vocab,
         torch.empty(3, dtype=acc),
-        ROWS,
+        n_rows,
         vocab,
         -100,
     )
@@ -176,6 +180,8 @@ VARIANTS = [
     ("ce-fp32-all-options", "_ce_row_kernel", torch.float32, ALL_ON),
     ("ce-bf16-backward-from-lse", "_ce_row_kernel", torch.bfloat16, dict(lse=True, smooth=True)),
     ("ce-bf16-block1024", "_ce_row_kernel", torch.bfloat16, dict(block=1024, vocab=1000)),
+    # More rows than int32 holds: the row loop runs in int64.
+    ("ce-bf16-rows-past-2-31", "_ce_row_kernel", torch.bfloat16, dict(n_rows=2**31 + 1)),
     ("ce-fp32-logits-bf16-grad", "_ce_row_kernel", torch.float32, dict(grad_dtype=torch.bfloat16)),
     ("prob-fp32-both-grads", "_ce_prob_row_kernel", torch.float32, dict(qgrad=True)),
     (
@@ -322,6 +328,8 @@ def test_kernel_compiles_for_gpu(compiled, arch, name, kernel_name, dtype, opts)
         assert facts["f32_compare"]  # the early return when the factor is 1
         return
     assert facts["int64_offsets"]
+    assert facts["evict_last_loads"] or opts.get("lse"), facts  # from a given lse: no pass 1
+    assert facts["evict_first_stores"] or not opts.get("grad", True), facts
     if dtype != torch.float64:
         assert facts["ex2_approx"]
     # The mask-free main loop loads whole vectors: 16 bytes, or all a thread's elements of a
