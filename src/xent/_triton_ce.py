@@ -955,15 +955,15 @@ def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _check_args(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """The logits' dtype is supported here, and every tensor argument is on their device."""
+def _check_args(x: torch.Tensor, what: str = "logits", **tensors: torch.Tensor | None) -> None:
+    """``x``'s dtype is supported here, and every tensor argument is on its device."""
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
     _check_dtype(x.dtype, capability)
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise RuntimeError(
-                f"{name} is on {t.device} but the logits are on {x.device}; move it there once "
-                f"(e.g. {name}.to(logits.device)): a per-call copy would wait for the host"
+                f"{name} is on {t.device} but the {what} are on {x.device}; move it there once "
+                f"(e.g. {name}.to({what}.device)): a per-call copy would wait for the host"
             )
 
 
@@ -1152,7 +1152,7 @@ def scale_unless_one_(grad: torch.Tensor | None, g: torch.Tensor) -> torch.Tenso
     """
     if grad is None:
         return None
-    _check_args(grad, g=g)
+    _check_args(grad, "gradients", g=g)
     if not grad.is_contiguous() or g.numel() != 1:
         return grad.mul_(g.to(grad.dtype))
     n = grad.numel()
