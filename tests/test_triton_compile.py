@@ -67,6 +67,8 @@ def _facts(compiled, workdir: Path) -> dict:
             or [0]
         ),
         "f32_compare": bool(re.search(r"setp\.\w+\.f32", ptx)),
+        # The vector tail: masked, yet whole vectors (the mask is constant per vector).
+        "masked_vector_loads": bool(re.search(r"@%p\d+ ld\.global[\w.:]*\.v(2|4)\.b", ptx)),
         # Pass 1 keeps the row in L2 for pass 2; pass 2 and the gradient stream through.
         "evict_last_loads": bool(re.search(r"ld\.global\.L1::evict_last", ptx)),
         "evict_first_stores": bool(re.search(r"st\.global\.L1::evict_first", ptx)),
@@ -337,6 +339,7 @@ def test_kernel_compiles_for_gpu(compiled, arch, name, kernel_name, dtype, opts)
     args, kwargs = _variant_args(kernel_name, dtype, opts)
     per_thread = kwargs["BLOCK"] // (32 * kwargs["num_warps"]) * args[0].element_size()
     assert facts["widest_load"] >= min(16, per_thread), facts
+    assert facts["masked_vector_loads"], facts
 
 
 def test_variants_do_not_depend_on_alignment_or_sizes(compiled):

@@ -48,7 +48,8 @@ row. In place or not moves the same bytes (in place saves the allocation, not th
 ``do_not_specialize_on_alignment``, every integer in ``do_not_specialize``), so chunk slices at
 any offset reuse one compiled kernel. Each row instead finds its own first 16-byte boundary: a
 masked head of fewer than 16 bytes, a mask-free main loop of whole blocks from there (16-byte
-vector loads, asserted by the compile test) and a masked tail. The gradient and the other row
+vector loads, asserted by the compile test), a tail of whole vectors masked per vector (vector
+loads too) and a scalar tail of fewer than 16 bytes. The gradient and the other row
 inputs are declared aligned only when they share the logits' boundary (e.g. contiguous buffers of
 one dtype); otherwise their accesses are scalar (still coalesced).
 
@@ -76,8 +77,8 @@ from xent._onepass import CEParams
 
 # Columns per block: the whole row up to this size (fewest passes), and the warps to run it.
 # Block sizes are powers of two. 4096 columns on 16 warps (8 per thread: one 16-byte vector of
-# bf16) compiles without spills for sm_80, sm_90a and sm_100a (≤ 124 registers, from the compile
-# test); on 8 warps the same block spilled on sm_90a. (Tests lower MAX_BLOCK to exercise many
+# bf16) compiles without spills for sm_80, sm_90a and sm_100a (at most 128 registers, the cap at
+# 16 warps; from the compile test); on 8 warps the same block spilled on sm_90a. (Tests lower MAX_BLOCK to exercise many
 # blocks per row.) Not yet tuned on a GPU.
 MAX_BLOCK = 4096
 WARPS = {1024: 4, 2048: 8, 4096: 16}
@@ -88,17 +89,19 @@ L2_SHARE = 0.5
 # Programs per SM when rows are short enough that L2 does not bound them (enough warps in flight
 # to cover memory latency: 4 × 8 warps).
 PROGRAMS_PER_SM = 4
-# Elements per program of the scaling kernel, and its programs per SM.
+# Elements per block of the scaling kernel (each program loops over blocks).
 SCALE_BLOCK = 4096
 
-_DTYPES = {
-    torch.float64: 8,
-    torch.float32: 4,
-    torch.float16: 2,
-    torch.bfloat16: 2,
-    torch.float8_e4m3fn: 1,
-    torch.float8_e5m2: 1,
-}
+_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+    }
+)
 
 
 @triton.jit
@@ -228,6 +231,7 @@ def _ce_grad_row(
     V,
     head,
     n_full,
+    vend,
     y_safe,
     a,
     b_y,
@@ -241,17 +245,37 @@ def _ce_grad_row(
     BLOCK: tl.constexpr,
     HEAD: tl.constexpr,
 ):
-    """Pass 2 over a row, tail first and head last: the reverse of pass 1's order, so the blocks
-    read most recently (the likeliest still in cache) are re-read first."""
+    """Pass 2 over a row, in the reverse of pass 1's order (so the blocks read most recently,
+    the likeliest still in cache, are re-read first): the scalar tail, the vector tail, the
+    mask-free blocks from the last, the head. See :func:`_ce_row_kernel` for the segments."""
+    hc = tl.arange(0, HEAD)
     offs = tl.arange(0, BLOCK)
-    cols = head + n_full * BLOCK + offs
-    mask = cols < V
+    cols = head + vend + hc
     _ce_grad_block(
         x_row + cols,
         g_row + cols,
         W + cols,
         cols,
-        mask,
+        cols < V,
+        y_safe,
+        a,
+        b_y,
+        b_eps,
+        lse,
+        softcap,
+        True,
+        HAS_WEIGHT,
+        HAS_SOFTCAP,
+        SMOOTH,
+        ACC,
+    )
+    rel = n_full * BLOCK + offs
+    _ce_grad_block(
+        xa + rel,
+        ga + rel,
+        W + head + rel,
+        head + rel,
+        rel < vend,
         y_safe,
         a,
         b_y,
@@ -265,14 +289,13 @@ def _ce_grad_row(
         ACC,
     )
     for i in range(0, n_full):
-        start = (n_full - 1 - i) * BLOCK
-        cols = head + start + offs
+        rel = (n_full - 1 - i) * BLOCK + offs
         _ce_grad_block(
-            xa + start + offs,
-            ga + start + offs,
-            W + cols,
-            cols,
-            mask,
+            xa + rel,
+            ga + rel,
+            W + head + rel,
+            head + rel,
+            None,
             y_safe,
             a,
             b_y,
@@ -285,7 +308,6 @@ def _ce_grad_row(
             SMOOTH,
             ACC,
         )
-    hc = tl.arange(0, HEAD)
     _ce_grad_block(
         x_row + hc,
         g_row + hc,
@@ -351,12 +373,17 @@ def _ce_row_kernel(
     softcap = tl.load(OPTS + 2).to(ACC)
     x_elem: tl.constexpr = X.dtype.element_ty.primitive_bitwidth // 8
     offs = tl.arange(0, BLOCK)
+    hc = tl.arange(0, HEAD)
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = r + tl.zeros((), tl.int64)  # int64 offsets from here (loop variables may be ints)
         x_row = X + row * stride_x
-        # Blocks start at the row's first 16-byte boundary: the main loop loads whole vectors.
+        # A row in four segments, so that all but two short ones load whole 16-byte vectors:
+        # the head up to the first 16-byte boundary (< HEAD elements, masked); mask-free blocks
+        # from there; the vector tail, whole vectors of the rest (masked per vector); the
+        # scalar tail (< HEAD elements, masked).
         head = _aligned_head(x_row, V, x_elem)
         n_full = (V - head) // BLOCK
+        vend = (V - head) // HEAD * HEAD  # elements from the boundary in whole vectors
         xa = _aligned(x_row, head)
         y = tl.load(T + row).to(tl.int64)
         valid = y != ignore_index
@@ -377,7 +404,6 @@ def _ce_row_kernel(
             m = tl.full((), float("-inf"), ACC)
             s = tl.zeros((), ACC)
             wz = tl.zeros((), ACC)
-            hc = tl.arange(0, HEAD)
             m, s, wz = _ce_stats_block(
                 x_row + hc,
                 W + hc,
@@ -407,7 +433,22 @@ def _ce_row_kernel(
                     SMOOTH,
                     ACC,
                 )
-            cols = head + n_full * BLOCK + offs
+            rel = n_full * BLOCK + offs
+            m, s, wz = _ce_stats_block(
+                xa + rel,
+                W + head + rel,
+                rel < vend,
+                m,
+                s,
+                wz,
+                softcap,
+                True,
+                HAS_WEIGHT,
+                HAS_SOFTCAP,
+                SMOOTH,
+                ACC,
+            )
+            cols = head + vend + hc
             m, s, wz = _ce_stats_block(
                 x_row + cols,
                 W + cols,
@@ -449,6 +490,7 @@ def _ce_row_kernel(
                     V,
                     head,
                     n_full,
+                    vend,
                     y_safe,
                     a,
                     b_y,
@@ -472,6 +514,7 @@ def _ce_row_kernel(
                     V,
                     head,
                     n_full,
+                    vend,
                     y_safe,
                     a,
                     b_y,
@@ -626,11 +669,12 @@ def _prob_row(
     BLOCK: tl.constexpr,
     HEAD: tl.constexpr,
 ):
-    """One row of the probability kernel: head, mask-free blocks and tail in pass 1, then the
-    same in reverse in pass 2. With ``HINT`` every row pointer shares the logits' 16-byte
-    boundary and is declared so."""
+    """One row of the probability kernel: head, mask-free blocks, vector and scalar tails in
+    pass 1, then the same in reverse in pass 2. With ``HINT`` every row pointer shares the
+    logits' 16-byte boundary and is declared so."""
     eps_v = eps / V  # in the compute dtype (1.0 / V would be fp32)
     n_full = (V - head) // BLOCK
+    vend = (V - head) // HEAD * HEAD  # the segments of :func:`_ce_row_kernel`
     offs = tl.arange(0, BLOCK)
     hc = tl.arange(0, HEAD)
     xa = _aligned(x_row, head)
@@ -689,7 +733,27 @@ def _prob_row(
             HAS_LSE,
             ACC,
         )
-    cols = head + n_full * BLOCK + offs
+    rel = n_full * BLOCK + offs
+    m, s, shift, big_s, wqz = _prob_stats_block(
+        xa + rel,
+        qa + rel,
+        wa + rel,
+        rel < vend,
+        m,
+        s,
+        shift,
+        big_s,
+        wqz,
+        eps,
+        eps_v,
+        softcap,
+        True,
+        HAS_WEIGHT,
+        HAS_SOFTCAP,
+        HAS_LSE,
+        ACC,
+    )
+    cols = head + vend + hc
     m, s, shift, big_s, wqz = _prob_stats_block(
         x_row + cols,
         q_row + cols,
@@ -727,6 +791,27 @@ def _prob_row(
             g_row + cols,
             gq_row + cols,
             cols < V,
+            a,
+            c,
+            eps,
+            eps_v,
+            lse,
+            softcap,
+            True,
+            HAS_WEIGHT,
+            HAS_SOFTCAP,
+            WRITE_GRAD,
+            WRITE_QGRAD,
+            ACC,
+        )
+        rel = n_full * BLOCK + offs
+        _prob_grad_block(
+            xa + rel,
+            qa + rel,
+            wa + rel,
+            ga + rel,
+            gqa + rel,
+            rel < vend,
             a,
             c,
             eps,
