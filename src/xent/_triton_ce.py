@@ -78,8 +78,9 @@ from xent._onepass import CEParams
 # Columns per block: the whole row up to this size (fewest passes), and the warps to run it.
 # Block sizes are powers of two. 4096 columns on 16 warps (8 per thread: one 16-byte vector of
 # bf16) compiles without spills for sm_80, sm_90a and sm_100a (at most 128 registers, the cap at
-# 16 warps; from the compile test); on 8 warps the same block spilled on sm_90a. (Tests lower MAX_BLOCK to exercise many
-# blocks per row.) Not yet tuned on a GPU.
+# 16 warps; from the compile test); on 8 warps the same block spilled on sm_90a. (Tests lower
+# MAX_BLOCK to exercise many blocks per row.) Not yet tuned on a GPU: benchmarks/run_gpu.sh
+# sweeps these constants.
 MAX_BLOCK = 4096
 WARPS = {1024: 4, 2048: 8, 4096: 16}
 # At most this many programs on grid axis 0 (CUDA's limit); rows beyond it are looped over.
