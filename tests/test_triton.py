@@ -227,7 +227,7 @@ def test_no_host_reads_on_the_gpu_path(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from xent import _numerics, _validation
-    from xent._engine import policy
+    from xent._engine import dispatch, policy
 
     class Record(TorchDispatchMode):
         def __init__(self):
@@ -249,7 +249,7 @@ def test_no_host_reads_on_the_gpu_path(monkeypatch):
     with Record() as probe:  # the probe itself sees a host read
         bool(x.sum() > 0)
     assert "_local_scalar_dense" in probe.ops
-    for module in (_numerics, _validation, policy):
+    for module in (_numerics, _validation, policy, dispatch):
         monkeypatch.setattr(module, "host_reads_cheap", lambda t: False)
     monkeypatch.setattr(policy, "drop_ignored", lambda t: False)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, impl="triton")
@@ -342,11 +342,7 @@ def test_cuda_graph_capture_and_replay():
         loss = xent.cross_entropy(x, t, label_smoothing=0.1) + xent.linear_cross_entropy(h, w, t)
         return loss, torch.autograd.grad(loss, (x, h, w))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture (compiles the kernels)
-    torch.cuda.current_stream().wait_stream(side)
+    triton_ce.warm_up(step)  # outside the capture: compiles every kernel variant step needs
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss, grads = step()
@@ -393,3 +389,199 @@ def test_strided_targets_and_transposed_logits_in_place():
     h = leaf.t() * 1.0  # transposed, non-contiguous logits
     xent.cross_entropy(h, t, inplace_backward=True, impl="triton").backward()
     torch.testing.assert_close(leaf.grad.t(), ref_x.grad)
+
+
+class _CountGrid:
+    """Stands in for a Triton kernel; records the grid of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_rows_beyond_the_grid_limit_are_looped_over(monkeypatch, prob):
+    # GRID_LIMIT lowered from 2³¹ - 1 to 2: each program then walks several rows.
+    name = "_ce_prob_row_kernel" if prob else "_ce_row_kernel"
+    spy = _CountGrid(getattr(triton_ce, name))
+    monkeypatch.setattr(triton_ce, name, spy)
+    monkeypatch.setattr(triton_ce, "GRID_LIMIT", 2)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(9, 37, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    if prob:
+        t = torch.rand(9, 37, generator=gen, dtype=torch.float64).softmax(1).to(DEVICE)
+    else:
+        t = torch.randint(0, 37, (9,), generator=gen).to(DEVICE)
+    for reduction in ("mean", "none"):
+        ours = xent.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, impl="triton")
+        ref = F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+        up = torch.randn(ours.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+        g_ours, g_ref = (torch.autograd.grad(v, x, up)[0] for v in (ours, ref))
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-12)
+    assert spy.grids and all(grid == (2,) for grid in spy.grids), spy.grids
+
+
+def test_rows_in_flight_bounded_by_l2():
+    # V = 128256 bf16 rows (256 KiB) on an H100 (132 SMs, 50 MiB L2): one program per SM,
+    # not one per row.
+    assert triton_ce.rows_in_flight(128256 * 2, 132, 50 << 20) == 132
+    # 32 KiB rows: 800 fit in half the L2; capped at 4 programs per SM.
+    assert triton_ce.rows_in_flight(32 << 10, 132, 50 << 20) == 528
+    # 128 KiB rows: bounded by L2 (200 rows), between the two.
+    assert triton_ce.rows_in_flight(128 << 10, 132, 50 << 20) == 200
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_no_classes_follow_torch(reduction):
+    # V = 0 with every class-index target ignored: torch's loss is 0 per row (NaN mean) and the
+    # gradient is empty; the kernels are not launched.
+    x = torch.zeros(3, 0, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    t = torch.full((3,), -100, device=DEVICE)
+    ours = xent.cross_entropy(x, t, reduction=reduction, impl="triton")
+    ref = F.cross_entropy(x, t, reduction=reduction)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    (g,) = torch.autograd.grad(ours.sum(), x)
+    assert g.shape == (3, 0)
+    params = xent.classification.CEParams(impl="triton")
+    q = torch.zeros(3, 0, dtype=torch.float64, device=DEVICE)
+    for target in (t, q):
+        loss, lse = triton_ce.cross_entropy_pass_triton(x.detach(), target, None, None, params)
+        assert torch.equal(loss, torch.zeros(3, dtype=torch.float64, device=DEVICE))
+        assert torch.equal(lse, torch.full((3,), -torch.inf, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scale_unless_one(monkeypatch, dtype):
+    spy = _CountGrid(triton_ce._scale_kernel)
+    monkeypatch.setattr(triton_ce, "_scale_kernel", spy)
+    monkeypatch.setattr(triton_ce, "SCALE_BLOCK", 16)
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(5, 13, generator=gen).to(dtype).to(DEVICE)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stores = []
+    if DEVICE == "cpu":  # count the interpreter's stores: none at all when the factor is 1
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        real_store = InterpreterBuilder.create_masked_store
+
+        def counting_store(self, *args, **kwargs):
+            stores.append(1)
+            return real_store(self, *args, **kwargs)
+
+        monkeypatch.setattr(InterpreterBuilder, "create_masked_store", counting_store)
+    one = torch.ones((), dtype=acc, device=DEVICE)
+    grad = base.clone()
+    assert triton_ce.scale_unless_one_(grad, one) is grad
+    assert torch.equal(grad, base)  # untouched
+    assert not stores
+    half = torch.full((), -0.37, dtype=acc, device=DEVICE)
+    triton_ce.scale_unless_one_(grad, half)
+    assert len(stores) == (5 if DEVICE == "cpu" else 0)  # one block of 16 per program
+    # Exact, but bf16 to one rounding step (Triton's interpreter rounds it by truncation).
+    rtol = 2.0**-7 if dtype == torch.bfloat16 else 0.0
+    torch.testing.assert_close(grad, (base.to(acc) * -0.37).to(dtype), atol=0, rtol=rtol)
+    assert spy.grids == [(5,), (5,)]  # 65 elements in blocks of 16, both launched
+    strided = base.clone().t()  # not contiguous: multiplied by torch instead
+    triton_ce.scale_unless_one_(strided, half)
+    assert len(spy.grids) == 2
+    torch.testing.assert_close(strided, base.t() * half.to(dtype))
+    assert triton_ce.scale_unless_one_(None, half) is None
+
+
+def test_backward_scales_on_the_device(monkeypatch):
+    # With host reads off (as on a GPU), backward's upstream factor goes through the scaling
+    # kernel: no launch of work when it is 1, the right gradient when it is not.
+    from xent._engine import dispatch
+
+    monkeypatch.setattr(dispatch, "host_reads_cheap", lambda t: False)
+    calls = []
+    real = triton_ce.scale_unless_one_
+    monkeypatch.setattr(triton_ce, "scale_unless_one_", lambda g, f: calls.append(g) or real(g, f))
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(6, 20, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 20, (6,), generator=gen).to(DEVICE)
+    h = torch.randn(6, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = torch.randn(20, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    for factor in (1.0, 2.5):
+        ours = xent.cross_entropy(x, t, label_smoothing=0.1, impl="triton") * factor
+        ref = F.cross_entropy(x, t, label_smoothing=0.1) * factor
+        torch.testing.assert_close(
+            torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], atol=1e-12, rtol=0
+        )
+        ours = xent.linear_cross_entropy(h, w, t, impl="triton") * factor
+        ref = F.cross_entropy(h @ w.t(), t) * factor
+        for a, b in zip(
+            torch.autograd.grad(ours, (h, w)), torch.autograd.grad(ref, (h, w)), strict=True
+        ):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert len(calls) == 2 * (2 + 3)  # ∂x, ∂q (None) of CE; ∂h, ∂w, ∂b (None) of LCE
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_unaligned_rows_and_mismatched_gradient_alignment(monkeypatch, offset):
+    # Rows starting off a 16-byte boundary (odd V, sliced logits): a masked head, mask-free
+    # blocks and a masked tail. An fp32 input with a bf16 gradient buffer (the fused path's
+    # split) has its gradient on another boundary: the unhinted branch.
+    monkeypatch.setattr(triton_ce, "MAX_BLOCK", 16)
+    gen = torch.Generator().manual_seed(11)
+    big = (3 * torch.randn(8, 53, generator=gen, dtype=torch.float64)).to(DEVICE)
+    x = big[offset:].reshape(-1)[offset:].reshape(-1)[: (8 - offset) * 53 - 53]
+    x = x.reshape(-1, 53)  # a view whose rows start at an odd element offset
+    t = torch.randint(0, 53, (x.shape[0],), generator=gen).to(DEVICE)
+    params = xent.classification.CEParams(label_smoothing=0.1, impl="triton")
+    coef = torch.ones(x.shape[0], dtype=torch.float64, device=DEVICE)
+    grad = torch.empty(x.shape, dtype=torch.float64, device=DEVICE)
+    loss, _ = triton_ce.cross_entropy_pass_triton(x, t, None, coef, params, grad_out=grad)
+    xr = x.clone().requires_grad_()
+    ref = F.cross_entropy(xr, t, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-12, rtol=1e-12)
+    (g_ref,) = torch.autograd.grad(ref.sum(), xr)
+    torch.testing.assert_close(grad, g_ref, atol=1e-12, rtol=1e-12)
+    x32 = x.float()[:, 1:]  # fp32 rows off alignment, a dense bf16 gradient
+    g16 = torch.empty(x32.shape, dtype=torch.bfloat16, device=DEVICE)
+    loss, _ = triton_ce.cross_entropy_pass_triton(
+        x32, t.clamp(max=51), None, coef.float(), params, grad_out=g16
+    )
+    xr = x32.clone().requires_grad_()
+    ref = F.cross_entropy(xr, t.clamp(max=51), reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref.detach(), atol=2e-5, rtol=2e-5)
+    (g_ref,) = torch.autograd.grad(ref.sum(), xr)
+    torch.testing.assert_close(g16.float(), g_ref, atol=2e-2 * g_ref.abs().max(), rtol=0)
+
+
+def test_tensor_arguments_on_another_device_are_named():
+    x = torch.randn(4, 10, device=DEVICE)
+    t = torch.randint(0, 10, (4,), device=DEVICE)
+    params = xent.classification.CEParams(impl="triton")
+    weight = torch.rand(10, device="meta")  # stands for a CPU weight beside CUDA logits
+    with pytest.raises(RuntimeError, match=r"weight is on meta but the logits are on"):
+        triton_ce.cross_entropy_pass_triton(x, t, weight, None, params)
+    with pytest.raises(RuntimeError, match=r"target is on meta"):
+        triton_ce.cross_entropy_pass_triton(x, t.to("meta"), None, None, params)
+    with pytest.raises(RuntimeError, match=r"grad_out is on meta"):
+        triton_ce.cross_entropy_pass_triton(
+            x, t, None, torch.ones(4), params, grad_out=torch.empty(4, 10, device="meta")
+        )
+    with pytest.raises(TypeError, match=r"does not support logits of dtype torch\.complex64"):
+        triton_ce.cross_entropy_pass_triton(x.to(torch.complex64), t, None, None, params)
+
+
+def test_fp8_e4m3_needs_sm89():
+    triton_ce._check_dtype(torch.float8_e4m3fn, (9, 0))
+    triton_ce._check_dtype(torch.float8_e5m2, (8, 0))
+    triton_ce._check_dtype(torch.float8_e4m3fn, None)  # the interpreter
+    with pytest.raises(TypeError, match=r"compute capability 8\.9 or newer \(this one is 8\.0\)"):
+        triton_ce._check_dtype(torch.float8_e4m3fn, (8, 0))
+
+
+def test_warm_up_runs_the_step_once():
+    calls = []
+    x = torch.randn(3, 7, device=DEVICE, requires_grad=True)
+    t = torch.tensor([0, 3, 6], device=DEVICE)
+    loss = triton_ce.warm_up(lambda: calls.append(1) or xent.cross_entropy(x, t, impl="triton"))
+    assert calls == [1]
+    torch.testing.assert_close(loss, F.cross_entropy(x, t))

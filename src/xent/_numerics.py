@@ -6,7 +6,6 @@
 * per-row target weights and the coefficients ``c_i = ∂L/∂l_i`` of a reduction
   (:func:`target_weights`, :func:`row_coefficients`), and the reduction itself
   (:func:`reduce_rows`, :func:`reduce`);
-* scaling a gradient formed in the forward by the upstream gradient (:func:`scale_unless_one_`);
 * large write-once buffers (:func:`empty_buffer`).
 """
 
@@ -124,20 +123,6 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss.mean()
-
-
-def scale_unless_one_(grads: tuple[torch.Tensor | None, ...], g: torch.Tensor) -> None:
-    """Multiply gradients formed in the forward pass, in place, by the upstream gradient ``g``.
-
-    The usual upstream gradient of a loss is exactly 1 (``loss.backward()``). On the CPU reading
-    ``g`` is free, and skipping the multiply saves a pass over every gradient; elsewhere the
-    product is formed unconditionally, since reading ``g`` would wait for the device.
-    """
-    if host_reads_cheap(g) and bool(g == 1):
-        return
-    for grad in grads:
-        if grad is not None:
-            grad.mul_(g.to(grad.dtype))
 
 
 # --------------------------------------------------------------------------------------------

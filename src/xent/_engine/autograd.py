@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from xent._engine import policy
+from xent._engine import dispatch, policy
 from xent._engine.options import CEParams
 from xent._engine.rows import CrossEntropyRows
 from xent._engine.walker import linear_walk
@@ -24,7 +24,6 @@ from xent._numerics import (
     empty_buffer,
     reduce_rows,
     row_coefficients,
-    scale_unless_one_,
     stable_max,
     target_weights,
 )
@@ -211,7 +210,7 @@ class CrossEntropyFn(torch.autograd.Function):
             cross_entropy_backward_pass(
                 x, target, weight, coef, params, (grad_x, grad_q), None, ctx.parallel
             )
-        scale_unless_one_((grad_x, grad_q), g)
+        dispatch.scale_unless_one_((grad_x, grad_q), g, params.impl)
         return grad_x, grad_q, None, None, None, None, None
 
 
@@ -347,7 +346,7 @@ class LinearCrossEntropyFn(torch.autograd.Function):
                 x, w, b, opts, c, need, lse=None if scalar else lse, skip=ctx.skip
             )
         if scalar:
-            scale_unless_one_((grad_x, grad_w, grad_b), g)
+            dispatch.scale_unless_one_((grad_x, grad_w, grad_b), g, opts.ce.impl)
         return (
             None if grad_x is None else grad_x.to(x.dtype),
             None if grad_w is None else grad_w.to(w.dtype),

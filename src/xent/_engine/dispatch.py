@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from xent._engine.options import CEParams
+from xent._numerics import host_reads_cheap
 
 # "reference" materialises everything in plain PyTorch (xent.reference): slow, differentiable
 # twice, and the definition the kernels are tested against.
@@ -57,3 +58,26 @@ def row_pass(params: CEParams) -> Callable[..., tuple[torch.Tensor, torch.Tensor
     from xent._engine.torch_rows import cross_entropy_pass
 
     return cross_entropy_pass
+
+
+def scale_unless_one_(grads: tuple[torch.Tensor | None, ...], g: torch.Tensor, impl: str) -> None:
+    """Multiply gradients formed in the forward pass, in place, by the upstream gradient ``g``.
+
+    The usual upstream gradient of a loss is exactly 1 (``loss.backward()``), and then nothing
+    should move. On the CPU reading ``g`` is free: the multiply is skipped when it is 1. On the
+    Triton backend a kernel whose programs read ``g`` on the device and return at once when it
+    is 1 skips it without a host read (:func:`xent._engine.triton_rows.scale_unless_one_`).
+    Elsewhere the product is formed unconditionally, since reading ``g`` would wait for the device.
+    """
+    if host_reads_cheap(g):
+        if bool(g == 1):
+            return
+    elif impl == "triton":
+        from xent._engine.triton_rows import scale_unless_one_ as on_device
+
+        for grad in grads:
+            on_device(grad, g)
+        return
+    for grad in grads:
+        if grad is not None:
+            grad.mul_(g.to(grad.dtype))

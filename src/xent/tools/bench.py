@@ -142,10 +142,16 @@ def _lce_case(cfg: Config) -> Case:
         )
 
     def cce(inp):
-        # cut-cross-entropy's exact mode (no gradient filtering), labels ignored at -100.
+        # cut-cross-entropy's exact mode (no gradient filtering), labels ignored at -100: its
+        # "cce_exact" implementation where it has one, else (25.1.1) "cce" with no filter.
+        from cut_cross_entropy import LinearCrossEntropyImpl
         from cut_cross_entropy import linear_cross_entropy as cce_lce
 
-        return cce_lce(inp["x"], inp["w"], inp["target"], reduction=red, impl="cce_exact")
+        if "CCE_EXACT" in LinearCrossEntropyImpl.__members__:
+            kw = {"impl": "cce_exact"}
+        else:
+            kw = {"impl": "cce", "filter_eps": None}
+        return cce_lce(inp["x"], inp["w"], inp["target"], reduction=red, **kw)
 
     variants = {
         "xent": lambda inp: xent.linear_cross_entropy(
