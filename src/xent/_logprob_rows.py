@@ -23,9 +23,10 @@ so with upstream coefficients ``c_i = ∂L/∂log p_y`` and ``e_i = ∂L/∂H``
 Divergences between the student's ``p = softmax(u)`` and the teacher's ``q = softmax(v)``, with
 the mixture ``m = (1 - β) p + β q`` and ``0·log 0 = 0``:
 
-    β = 0  KL(q ‖ p) = Σ q (log q - log p)       ∂/∂u_j = p_j - q_j
-    β = 1  KL(p ‖ q) = Σ p (log p - log q)       ∂/∂u_j = p_j (log p_j - log q_j - KL(p ‖ q))
-    else   J = β KL(q ‖ m) + (1 - β) KL(p ‖ m)   ∂/∂u_j = (1 - β) p_j (log p_j - log m_j - KL(p ‖ m))
+    β = 0  KL(q ‖ p) = Σ q (log q - log p)     ∂/∂u_j = p_j - q_j
+    β = 1  KL(p ‖ q) = Σ p (log p - log q)     ∂/∂u_j = p_j (log p_j - log q_j - KL(p ‖ q))
+    else   J = β KL(q ‖ m) + (1 - β) KL(p ‖ m)
+                                               ∂/∂u_j = (1 - β) p_j (log p_j - log m_j - KL(p ‖ m))
 
 (``∂J/∂p_j = (1 - β)(log p_j - log m_j)``: the terms through ``m`` cancel, since
 ``β q_j/m_j + (1 - β) p_j/m_j = 1``; then softmax's Jacobian gives the last column.)
@@ -369,6 +370,9 @@ def divergence_rows(
         elif beta == 1.0:
             torch.sub(ls, lt, out=g)
             g.sub_(row[:, None]).mul_(p).masked_fill_(p == 0, 0.0)
+            # Where the teacher has no mass and the student has, KL(p ‖ q) = inf and its
+            # gradient is undefined; a row with coefficient 0 still gets exactly 0.
+            g.masked_fill_(c == 0, 0.0)
         else:
             torch.sub(ls, lm, out=g)
             g.sub_(kl_pm[:, None]).mul_(p).masked_fill_(p == 0, 0.0)

@@ -30,9 +30,6 @@ from xent._logprob_rows import (
     DivergenceParams,
     LogProbParams,
     Transform,
-    divergence_rows,
-    log_prob_grad_rows,
-    log_prob_rows,
 )
 from xent._validation import compute_dtype, host_reads_cheap
 
@@ -342,7 +339,7 @@ def log_probs(
         tensor([-0.9163, -0.6931])
         >>> out = xent.log_probs(z, torch.tensor([1, 0]), return_entropy=True, return_top1=True)
         >>> out.entropy, out.top1
-        (tensor([1.0549, 1.0397]), tensor([ True,  True]))
+        (tensor([1.0549, 1.0397]), tensor([True, True]))
     """
     _check_logits("logits", logits)
     kind = _resolve_impl(impl, logits)
@@ -1003,7 +1000,7 @@ def linear_distill_divergence(
         >>> import torch, xent
         >>> h, w = torch.eye(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         >>> xent.linear_distill_divergence(h, w, teacher_hidden=h, teacher_weight=2 * w)
-        tensor(0.0518)
+        tensor(0.0671)
     """
     _check_head("student", student_hidden, student_weight, student_bias)
     kind = _resolve_impl(impl, student_hidden)
