@@ -38,7 +38,7 @@ def _oracle_log_probs(z, target, ignore_index=-100, **transform):
     safe = torch.where(valid, target, 0)
     lp = log_p.gather(-1, safe[..., None])[..., 0]
     ent = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
-    top = u.gather(-1, safe[..., None])[..., 0] >= u.amax(-1)
+    top = u.argmax(-1) == safe
     zero = torch.zeros((), dtype=torch.float64)
     return torch.where(valid, lp, zero), torch.where(valid, ent, zero), valid & top
 
@@ -704,3 +704,10 @@ def test_errors_name_the_offending_value():
 def test_posttrain_module_exports():
     for name in ("log_probs", "linear_log_probs", "distill_divergence", "LogProbs"):
         assert getattr(xent, name) is getattr(posttrain, name)
+
+
+def test_top1_is_argmax_first_of_ties():
+    z = torch.tensor([[1.0, 3.0, 3.0], [1.0, 3.0, 3.0], [5.0, 0.0, 0.0]])
+    out = xent.log_probs(z, torch.tensor([1, 2, 0]), return_top1=True, temperature=0.5)
+    assert out.top1.tolist() == [True, False, True]
+    assert torch.equal(out.top1, z.argmax(-1) == torch.tensor([1, 2, 0]))

@@ -183,8 +183,8 @@ def log_prob_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """``(log p_y, H, top1, lse)`` of each row of ``x``, all ``(n)`` in the compute dtype.
 
-    ``H`` and ``top1`` (1.0 where ``u_y`` is the row's maximum, ties included, else 0.0) are
-    None unless asked for. Ignored rows give 0 (``lse`` is still theirs).
+    ``H`` and ``top1`` (1.0 where ``y`` is the row's arg-max, the first of tied maxima, else
+    0.0) are None unless asked for. Ignored rows give 0 (``lse`` is still theirs).
     """
     n, vocab = x.shape
     cdtype = compute_dtype(x.dtype)
@@ -210,8 +210,8 @@ def log_prob_rows(
         m = _shift_by_max(d)
         ok = valid[start:stop]
         d_y = d.gather(1, safe[start:stop, None]).squeeze(1)  # u_y - max ≤ 0, exactly
-        if top is not None:
-            top[start:stop] = (ok & (d_y >= 0)).to(cdtype)
+        if top is not None:  # argmax's convention: the first maximum is the top-1
+            top[start:stop] = (ok & (d.argmax(dim=1) == safe[start:stop])).to(cdtype)
         if ent is not None:
             d.clamp_(min=LOG_FLOOR)  # after d_y: a target at -inf keeps log p = -inf
         e = _exp(d, scratch.get("e", rows))

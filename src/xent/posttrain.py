@@ -307,8 +307,8 @@ def log_probs(
         \\log p(y) = u_y - \\log\\sum_j e^{u_j} \\le 0, \\qquad
         H = \\log\\sum_j e^{u_j} - \\sum_j p_j u_j = -\\sum_j p_j \\log p_j,
 
-    with ``0·log 0 = 0`` (no NaN at ``-inf`` logits), and ``top1 = [u_y = max_j u_j]`` (ties
-    count as top-1). Tokens whose target is ``ignore_index`` give 0 (and ``False``) and no
+    with ``0·log 0 = 0`` (no NaN at ``-inf`` logits), and ``top1 = [y = argmax_j u_j]`` (of
+    tied maxima the first is the arg-max, as ``torch.argmax`` has it). Tokens whose target is ``ignore_index`` give 0 (and ``False``) and no
     gradient.
 
     Args:
@@ -1129,7 +1129,7 @@ def log_probs_reference(
         plogp = p * torch.where(p > 0, log_p, 0.0)  # 0·log 0 = 0, with a zero gradient there
         ent = torch.where(valid, -plogp.sum(dim=1), 0.0)
     if return_top1:
-        top = valid & (u.gather(1, safe[:, None]).squeeze(1) >= u.amax(dim=1))
+        top = valid & (u.argmax(dim=1) == safe)
     return _lp_result(lp, ent, top, target.shape, return_entropy, return_top1)
 
 
