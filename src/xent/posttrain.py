@@ -339,7 +339,7 @@ def log_probs(
         tensor([-0.9163, -0.6931])
         >>> out = xent.log_probs(z, torch.tensor([1, 0]), return_entropy=True, return_top1=True)
         >>> out.entropy, out.top1
-        (tensor([1.0549, 1.0397]), tensor([True, True]))
+        (tensor([1.0549, 1.0397]), tensor([False,  True]))
     """
     _check_logits("logits", logits)
     kind = _resolve_impl(impl, logits)
