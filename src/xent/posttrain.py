@@ -308,8 +308,8 @@ def log_probs(
         H = \\log\\sum_j e^{u_j} - \\sum_j p_j u_j = -\\sum_j p_j \\log p_j,
 
     with ``0·log 0 = 0`` (no NaN at ``-inf`` logits), and ``top1 = [y = argmax_j u_j]`` (of
-    tied maxima the first is the arg-max, as ``torch.argmax`` has it). Tokens whose target is ``ignore_index`` give 0 (and ``False``) and no
-    gradient.
+    tied maxima the first is the arg-max, as ``torch.argmax`` has it). Tokens whose target is
+    ``ignore_index`` give 0 (and ``False``) and no gradient.
 
     Args:
         logits: ``(..., V)``, any floating dtype.
