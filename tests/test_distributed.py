@@ -138,7 +138,9 @@ def test_errors_name_the_offending_values(tmp_path):
     messages = torch.load(tmp_path / "err0.pt")
     assert messages[0] == "IndexError: Target 9 is out of bounds."
     assert messages[1].startswith("ValueError: target must have shape (3,), got (2,)")
-    assert messages[2].startswith("ValueError: vocab_start=7 does not fit a slice of 4 classes")
+    assert messages[2].startswith(
+        "ValueError: vocabulary-parallel layout: rank 0's slice [7, 11) leaves a gap before it"
+    )
     assert messages[3] == [True, True, True, True, True]
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xent._validation import compute_dtype
+from xent._numerics import compute_dtype
 
 # Bytes of fp32 per scratch buffer: a block of rows that stays in the L2/L3 cache while each torch
 # call is long enough for its ~10 µs fixed cost to be noise (the budget the cross-entropy kernel

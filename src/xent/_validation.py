@@ -1,4 +1,4 @@
-"""Shared argument checks and the one reduction helper every loss uses.
+"""Shared argument checks: every public function validates its arguments here, first.
 
 Every check raises the exception type PyTorch raises for the same mistake, with the offending value
 in the message, before any arithmetic happens.
@@ -10,6 +10,8 @@ import math
 from typing import Literal
 
 import torch
+
+from xent._numerics import host_reads_cheap
 
 Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
@@ -62,29 +64,170 @@ def check_broadcastable(function: str, input: torch.Tensor, target: torch.Tensor
         ) from None
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype arithmetic runs in: fp64 stays fp64, everything else (fp16, bf16, fp32) is fp32.
-
-    Half-precision sums over many rows lose all precision or overflow, so they are never
-    accumulated in their own dtype.
-    """
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply ``"none"`` / ``"mean"`` / ``"sum"`` to an elementwise loss (mean of nothing is NaN)."""
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.mean()
+def check_logits(input: torch.Tensor) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() == 0:
+        raise ValueError(
+            "input must have a class dimension: expected (C), (N, C) or "
+            "(N, C, d1, ..., dK), got a 0-d tensor"
+        )
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating dtype, got {input.dtype}")
 
 
-def host_reads_cheap(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values on the host costs nothing: true on the CPU.
+def check_class_weight(weight: torch.Tensor | None, num_classes: int) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {num_classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "class weights are not differentiable in xent (nor in PyTorch); "
+            "pass weight.detach() instead of a tensor that requires grad"
+        )
 
-    On an accelerator such a read (``.item()``, ``bool(t)``, ``nonzero``) waits for the device
-    to drain its queue and cannot be captured in a CUDA graph, so callers take a device-side
-    path there instead (an asynchronous assert, an unconditional multiply).
-    """
-    return t.device.type == "cpu"
+
+def check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    """Shape, dtype and range of a class-index target; raises before any arithmetic."""
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(
+                f"for an input of shape {tuple(input.shape)} the class-index target must be 0-d, "
+                f"got shape {tuple(target.shape)}"
+            )
+    else:
+        if target.dim() == 0 or target.shape[0] != input.shape[0]:
+            n_target = target.shape[0] if target.dim() else "a 0-d target"
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({n_target})."
+            )
+        expected = (input.shape[0], *input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise RuntimeError(
+                f"Expected target size {list(expected)}, got {list(target.shape)} "
+                f"(input shape {list(input.shape)})"
+            )
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """``IndexError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``."""
+    target = target.long()  # compare in int64 whatever the integer dtype (no wrap-around)
+    invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if host_reads_cheap(target):
+        if bool(invalid.any()):
+            bad = target[invalid].flatten()[0].item()
+            raise IndexError(f"Target {bad} is out of bounds.")
+    else:
+        # No host sync on accelerators: the check runs on the device and fails the stream.
+        torch._assert_async(~invalid.any(), "xent: a class-index target is out of bounds")
+
+
+def check_prob_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got {target.dtype}"
+        )
+    if ignore_index >= 0:
+        raise RuntimeError(
+            f"ignore_index={ignore_index} is not supported for probability targets "
+            "(a floating target with the input's shape)"
+        )
+
+
+def check_z_loss(z_loss: float) -> float:
+    value = float(z_loss)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return value
+
+
+def check_softcap(softcap: float | None) -> float | None:
+    if softcap is None:
+        return None
+    value = float(softcap)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return value
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(
+            f"chunk_size must be None or a positive number of rows, got {chunk_size!r}"
+        )
+    return None if chunk_size is None else int(chunk_size)
+
+
+def check_linear_args(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+) -> None:
+    if not input.is_floating_point() or input.dim() == 0:
+        raise TypeError(
+            f"input must be a floating tensor of shape (..., H), got {input.dtype} "
+            f"of shape {tuple(input.shape)}"
+        )
+    hidden = input.shape[-1]
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
+        raise ValueError(
+            f"linear_weight must have shape (V, H) with H = {hidden} (the input's last "
+            f"dimension), got {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"input and linear_weight must have the same dtype, got {input.dtype} and "
+            f"{linear_weight.dtype}"
+        )
+    vocab = linear_weight.shape[0]
+    if linear_bias is not None and linear_bias.dtype != input.dtype:
+        raise RuntimeError(
+            f"input and linear_bias must have the same dtype, got {input.dtype} and "
+            f"{linear_bias.dtype}"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (vocab,):
+        raise ValueError(f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target must have the input's shape without its last dimension, "
+            f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
+    if token_weight is not None and tuple(token_weight.shape) != tuple(target.shape):
+        raise ValueError(
+            f"token_weight must have the target's shape {tuple(target.shape)}, "
+            f"got {tuple(token_weight.shape)}"
+        )
+
+
+def check_normalizer(
+    normalizer: torch.Tensor | float | None, reduction: str
+) -> torch.Tensor | float | None:
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"normalizer replaces the denominator of reduction='mean'; it cannot be used with "
+            f"reduction={reduction!r}"
+        )
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer must be a number or a one-element tensor, got shape "
+                f"{tuple(normalizer.shape)}"
+            )
+        return normalizer.reshape(())  # no host sync: its value is used on its device
+    value = float(normalizer)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+    return value

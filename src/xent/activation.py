@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from xent._validation import compute_dtype
+from xent._numerics import compute_dtype
 
 
 def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx
 
+from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     Reduction,
     check_floating,
     check_reduction,
     check_same_shape,
-    compute_dtype,
-    reduce,
 )
 
 # PyTorch clamps each log at -100, so p = 0 or 1 costs 100 per element instead of inf.

@@ -15,12 +15,11 @@ from typing import Literal
 
 import torch
 
+from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     check_broadcastable,
     check_floating,
     check_reduction,
-    compute_dtype,
-    reduce,
 )
 
 KLReduction = Literal["none", "mean", "sum", "batchmean"]

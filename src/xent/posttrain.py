@@ -26,21 +26,18 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from xent._engine.dispatch import resolve
+from xent._engine.policy import grad_in_forward, refuse_double_backward
+from xent._engine.walker import fp32_out_gemms, linear_walk, mm_fp32, tokens_per_chunk
 from xent._logprob_rows import (
     DivergenceParams,
     LogProbParams,
     Transform,
 )
-from xent._validation import compute_dtype, host_reads_cheap
+from xent._numerics import compute_dtype, host_reads_cheap
 
 DistillReduction = Literal["none", "mean", "sum", "batchmean"]
 DISTILL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
-IMPLS = ("auto", "torch", "triton", "reference")
-# fp32 bytes of logits per token chunk in the fused versions when ``chunk_size`` is not given:
-# the budget of ``linear_cross_entropy`` (48 MiB keeps a chunk within 64 MiB of the gradients'
-# floor while its matrix products run near full speed on CPUs).
-CHUNK_BYTES = 48 << 20
-CHUNK_BYTES_CUDA = 512 << 20
 
 
 class LogProbs(NamedTuple):
@@ -164,33 +161,6 @@ def _check_head(
         )
 
 
-def _resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """``"auto"`` → ``"triton"`` on CUDA when Triton is installed, else ``"torch"``; checks."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
-    if impl == "reference":
-        return impl
-    import os
-
-    try:
-        import triton  # noqa: F401
-
-        has_triton = True
-    except ImportError:
-        has_triton = False
-    if impl == "auto":
-        return "triton" if x.is_cuda and has_triton else "torch"
-    if impl == "triton":
-        if not has_triton:
-            raise ValueError("impl='triton' needs the triton package (pip install 'xent[gpu]')")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"impl='triton' runs on CUDA tensors (got a {x.device.type} tensor); set "
-                "TRITON_INTERPRET=1 to run the kernels through Triton's interpreter instead"
-            )
-    return impl
-
-
 def _rows(impl: str):
     """The row kernels of ``impl``: :mod:`xent._logprob_rows` or their Triton twins."""
     if impl == "triton":
@@ -217,14 +187,6 @@ class _LPOpts:
     chunk_tokens: int | None = None
 
 
-def _no_double_backward(name: str) -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{name}'s gradient is not differentiable (create_graph=True); use impl='reference' "
-            "for double backward"
-        )
-
-
 class _LogProbs(torch.autograd.Function):
     """``(M, V)`` logits → ``(M)`` log-probabilities, entropy and top-1; only the logits are
     differentiable. Backward runs one pass over the logits from the saved log-sum-exp and
@@ -245,7 +207,7 @@ class _LogProbs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent, _g_top):
         if g_lp is None and g_ent is None:
             return None, None
-        _no_double_backward("log_probs")
+        refuse_double_backward("log_probs")
         x, lse, ent = ctx.saved_tensors
         opts: _LPOpts = ctx.opts
         c_lp, c_ent = _upstream(opts, g_lp, g_ent, lse)
@@ -342,7 +304,7 @@ def log_probs(
         (tensor([1.0549, 1.0397]), tensor([False,  True]))
     """
     _check_logits("logits", logits)
-    kind = _resolve_impl(impl, logits)
+    kind = resolve(impl, logits)
     vocab = logits.shape[-1]
     _check_target(target, logits.shape[:-1], vocab, ignore_index)
     scale = _check_positive("logit_scale", logit_scale)
@@ -372,71 +334,8 @@ def log_probs(
 
 
 # --------------------------------------------------------------------------------------------
-# The chunk loop of the fused versions
+# Log-probabilities from hidden states: a row kernel for the engine's chunk walker
 # --------------------------------------------------------------------------------------------
-# TEMPORARY: a minimal chunk walker with the contract of the engine's generic walker
-# (``xent._engine.walker.linear_walk``), to be replaced by it.
-
-
-def _linear_walk(x, w, b, kernel, *, num_outputs, need=(False, False, False), keep=None,
-                 chunk_tokens=None, parallel=None):  # fmt: skip
-    """For each chunk of tokens: ``z = x_c Wᵀ + b`` (compute dtype), ``kernel(z, rows, grad)``;
-    returns the kernel's per-row outputs and ``∂x``, ``∂W``, ``∂b`` from the ``∂L/∂z`` it wrote."""
-    if parallel is not None:
-        raise NotImplementedError("vocabulary parallelism needs the engine's walker")
-    m = x.shape[0] if keep is None else keep.numel()
-    vocab = w.shape[0]
-    cdtype = compute_dtype(x.dtype)
-    outs = [torch.empty(m, dtype=cdtype, device=x.device) for _ in range(num_outputs)]
-    need_x, need_w, need_b = need
-    wants = need_x or need_w or need_b
-    grad_x = torch.zeros(x.shape, dtype=cdtype, device=x.device) if need_x else None
-    grad_w = torch.zeros(w.shape, dtype=cdtype, device=w.device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=cdtype, device=w.device) if need_b else None
-    step = chunk_tokens or max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
-    buf = torch.empty((min(step, m), vocab), dtype=cdtype, device=x.device)
-    w_c = w if w.dtype == cdtype else w.to(cdtype)
-    for start in range(0, m, step):
-        stop = min(start + step, m)
-        rows = slice(start, stop) if keep is None else keep[start:stop]
-        xs = x[rows]
-        z = buf[: stop - start]
-        if x.dtype == cdtype:
-            torch.mm(xs, w.t(), out=z) if b is None else torch.addmm(b, xs, w.t(), out=z)
-        else:
-            z.copy_(torch.mm(xs, w.t()) if b is None else torch.addmm(b, xs, w.t()))
-        res = kernel(z, rows, z if wants else None)
-        for out, r in zip(outs, res, strict=False):
-            out[start:stop] = r
-        if not wants:
-            continue
-        xs_c = xs if xs.dtype == cdtype else xs.to(cdtype)
-        if need_x:
-            grad_x[rows] = z @ w_c
-        if need_w:
-            grad_w.addmm_(z.t(), xs_c)
-        if need_b:
-            grad_b += z.sum(dim=0)
-    return tuple(outs), grad_x, grad_w, grad_b
-
-
-def _walk_chunk(opts_chunk: int | None, vocab: int, device: torch.device, buffers: int) -> int:
-    """Tokens per chunk: ``chunk_size``, or as many as the budget holds with ``buffers`` chunk-
-    sized fp32 arrays (the logits, and a teacher's logits when it is given as hidden states)."""
-    if opts_chunk is not None:
-        return opts_chunk
-    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES
-    return max(1, budget // (4 * buffers * max(vocab, 1)))
-
-
-def _kept(valid: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the counted tokens, or None when all count (or while a CUDA graph is being
-    captured, where the count cannot be read: then every token is computed, ignored ones with
-    coefficient 0)."""
-    if valid.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    keep = valid.nonzero().squeeze(1)
-    return None if keep.numel() == valid.numel() else keep
 
 
 def _index(t: torch.Tensor | float, rows) -> torch.Tensor | float:
@@ -473,13 +372,6 @@ class _LogProbKernel:
         return ()
 
 
-def _scatter(values: torch.Tensor, keep: torch.Tensor | None, m: int) -> torch.Tensor:
-    if keep is None:
-        return values
-    out = torch.zeros(m, dtype=values.dtype, device=values.device)
-    return out.index_copy_(0, keep, values)
-
-
 class _LinearLogProbs(torch.autograd.Function):
     """``(M, H)`` hidden states and the ``(V, H)`` head → per-token log-probabilities, entropy,
     top-1. Forward walks the chunks without gradients; backward walks them again with the
@@ -487,16 +379,12 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, opts: _LPOpts):
-        valid = opts.target != opts.params.ignore_index
-        keep = _kept(valid)
-        step = _walk_chunk(opts.chunk_tokens, w.shape[0], x.device, 1)
-        (lp, ent, top, lse), *_ = _linear_walk(
-            x, w, b, _LogProbKernel(opts), num_outputs=4, keep=keep, chunk_tokens=step
+        skip = opts.target == opts.params.ignore_index
+        (lp, ent, top, lse), *_ = linear_walk(
+            x, w, b, _LogProbKernel(opts), num_outputs=4, skip=skip, chunk_tokens=opts.chunk_tokens
         )
-        m = x.shape[0]
-        lp, ent, top, lse = (_scatter(t, keep, m) for t in (lp, ent, top, lse))
         ctx.set_materialize_grads(False)
-        ctx.opts, ctx.keep = opts, keep
+        ctx.opts, ctx.skip = opts, skip
         ctx.save_for_backward(x, w, b, lse, ent)
         top = top > 0.5
         ctx.mark_non_differentiable(top)
@@ -506,17 +394,22 @@ class _LinearLogProbs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent, _g_top):
         if g_lp is None and g_ent is None:
             return None, None, None, None
-        _no_double_backward("linear_log_probs")
+        refuse_double_backward("linear_log_probs")
         x, w, b, lse, ent = ctx.saved_tensors
         opts: _LPOpts = ctx.opts
         if not opts.params.entropy:
             g_ent = None
         c_lp, c_ent = _upstream(opts, g_lp, g_ent, lse)
         kernel = _LogProbKernel(opts, lse, ent, c_lp, c_ent)
-        need = tuple(ctx.needs_input_grad[:3])
-        step = _walk_chunk(opts.chunk_tokens, w.shape[0], x.device, 1)
-        _, gx, gw, gb = _linear_walk(
-            x, w, b, kernel, num_outputs=0, need=need, keep=ctx.keep, chunk_tokens=step
+        _, gx, gw, gb = linear_walk(
+            x,
+            w,
+            b,
+            kernel,
+            num_outputs=0,
+            need=tuple(ctx.needs_input_grad[:3]),
+            skip=ctx.skip,
+            chunk_tokens=opts.chunk_tokens,
         )
         return (
             None if gx is None else gx.to(x.dtype),
@@ -573,7 +466,7 @@ def linear_log_probs(
         tensor([-0.3133, -1.3133])
     """
     _check_head("", hidden, weight, bias)
-    kind = _resolve_impl(impl, hidden)
+    kind = resolve(impl, hidden)
     vocab = weight.shape[0]
     _check_target(target, hidden.shape[:-1], vocab, ignore_index)
     scale = _check_positive("logit_scale", logit_scale)
@@ -724,9 +617,8 @@ class _Divergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, xt, opts: _DivOpts):
         rows = _rows(opts.params.impl)
-        scalar = opts.reduction != "none"
         grad = None
-        if scalar and ctx.needs_input_grad[0]:
+        if grad_in_forward(opts.reduction, xs.dtype) and ctx.needs_input_grad[0]:
             grad = torch.empty_like(xs)
         per = rows.divergence_rows(
             xs, xt, opts.inv_temp, opts.params, opts.valid, _div_coef(opts), grad
@@ -737,7 +629,7 @@ class _Divergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _no_double_backward("distill_divergence")
+        refuse_double_backward("distill_divergence")
         opts: _DivOpts = ctx.opts
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
@@ -745,7 +637,7 @@ class _Divergence(torch.autograd.Function):
                 grad = grad.mul_(g.to(grad.dtype))
             return grad, None, None
         xs, xt = ctx.saved_tensors
-        coef = _div_coef(opts) * (g.to(opts.token_weight.dtype) if g.dim() == 0 else g)
+        coef = _div_coef(opts) * g.to(opts.token_weight.dtype)
         grad = torch.empty_like(xs)
         _rows(opts.params.impl).divergence_rows(
             xs, xt, opts.inv_temp, opts.params, opts.valid, coef, grad
@@ -834,7 +726,7 @@ def distill_divergence(
             f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got "
             f"{tuple(teacher_logits.shape)}"
         )
-    kind = _resolve_impl(impl, student_logits)
+    kind = resolve(impl, student_logits)
     b, norm = _check_distill_args(reduction, beta, normalizer)
     student = Transform(
         _check_positive("logit_scale", logit_scale),
@@ -885,6 +777,9 @@ class _DivergenceKernel:
             return self.teacher[0][rows]
         th, tw, tb = self.teacher
         hs = th[rows]
+        if fp32_out_gemms(hs):  # bf16 on CUDA: fp32 logits straight from the tensor cores
+            out = torch.empty(hs.shape[0], tw.shape[0], dtype=torch.float32, device=hs.device)
+            return mm_fp32(hs, tw.t(), out, bias=tb)
         return torch.mm(hs, tw.t()) if tb is None else torch.addmm(tb, hs, tw.t())
 
     def __call__(self, z, rows, grad_out):
@@ -908,38 +803,48 @@ class _LinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, opts: _DivOpts, teacher: tuple):
-        keep = _kept(opts.valid)
-        # A teacher's chunk of logits is a second chunk-sized array unless it is a view.
-        buffers = 1 if len(teacher) == 1 and keep is None else 2
-        step = _walk_chunk(opts.chunk_tokens, w.shape[0], x.device, buffers)
+        skip = ~opts.valid
         scalar = opts.reduction != "none"
         need = tuple(ctx.needs_input_grad[:3]) if scalar else (False, False, False)
+        step = opts.chunk_tokens
+        if step is None:
+            # A teacher's chunk of logits is a second chunk-sized array (fp32, or the teacher's
+            # dtype), unless it is a view of the given logits (no token dropped).
+            copied = len(teacher) == 3 or not host_reads_cheap(skip) or bool(skip.any())
+            split = fp32_out_gemms(x) and any(need)  # ∂L/∂z in its own bf16 buffer
+            per_logit = (6 if split else 4) + (4 if copied else 0)
+            step = tokens_per_chunk(w.shape[0], x.device, per_logit)
         kernel = _DivergenceKernel(opts, teacher, _div_coef(opts) if any(need) else None)
-        (per,), gx, gw, gb = _linear_walk(
-            x, w, b, kernel, num_outputs=1, need=need, keep=keep, chunk_tokens=step
+        (per,), gx, gw, gb = linear_walk(
+            x, w, b, kernel, num_outputs=1, need=need, skip=skip, chunk_tokens=step
         )
-        per = _scatter(per, keep, x.shape[0])
-        ctx.opts, ctx.teacher, ctx.keep, ctx.step = opts, teacher, keep, step
+        ctx.opts, ctx.teacher, ctx.skip, ctx.step = opts, teacher, skip, step
         ctx.grads = (gx, gw, gb) if any(need) else None
         ctx.save_for_backward(x, w, b)
         return _div_reduce(per, opts)
 
     @staticmethod
     def backward(ctx, g):
-        _no_double_backward("linear_distill_divergence")
+        refuse_double_backward("linear_distill_divergence")
         x, w, b = ctx.saved_tensors
         opts: _DivOpts = ctx.opts
         if ctx.grads is not None:
             gx, gw, gb = ctx.grads
-            ctx.grads = None
+            ctx.grads = None  # hand the buffers over: no copy
             if not (host_reads_cheap(g) and bool(g == 1)):
                 gx, gw, gb = (None if t is None else t.mul_(g.to(t.dtype)) for t in (gx, gw, gb))
         else:
-            coef = _div_coef(opts) * (g.to(opts.token_weight.dtype) if g.dim() == 0 else g)
+            coef = _div_coef(opts) * g.to(opts.token_weight.dtype)
             kernel = _DivergenceKernel(opts, ctx.teacher, coef)
-            need = tuple(ctx.needs_input_grad[:3])
-            _, gx, gw, gb = _linear_walk(
-                x, w, b, kernel, num_outputs=1, need=need, keep=ctx.keep, chunk_tokens=ctx.step
+            _, gx, gw, gb = linear_walk(
+                x,
+                w,
+                b,
+                kernel,
+                num_outputs=1,
+                need=tuple(ctx.needs_input_grad[:3]),
+                skip=ctx.skip,
+                chunk_tokens=ctx.step,
             )
         return (
             None if gx is None else gx.to(x.dtype),
@@ -1003,7 +908,7 @@ def linear_distill_divergence(
         tensor(0.0671)
     """
     _check_head("student", student_hidden, student_weight, student_bias)
-    kind = _resolve_impl(impl, student_hidden)
+    kind = resolve(impl, student_hidden)
     shape = student_hidden.shape[:-1]
     vocab = student_weight.shape[0]
     if teacher_logits is not None:

@@ -11,14 +11,13 @@ import warnings
 
 import torch
 
+from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     Reduction,
     check_broadcastable,
     check_floating,
     check_reduction,
     check_same_shape,
-    compute_dtype,
-    reduce,
 )
 
 
