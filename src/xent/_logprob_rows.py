@@ -39,13 +39,14 @@ from dataclasses import dataclass
 
 import torch
 
-from xent._numerics import compute_dtype
+from xent._numerics import compute_dtype, host_reads_cheap
 
 # Bytes of fp32 per scratch buffer: a block of rows that stays in the L2/L3 cache while each torch
 # call is long enough for its ~10 µs fixed cost to be noise (the budget the cross-entropy kernel
 # measured). The divergences hold six such buffers, so their blocks are half as large.
 BLOCK_BYTES = 4 << 20
 LOG2E = 1.4426950408889634  # 1 / ln 2
+LN2 = 0.6931471805599453
 # exp(-1e4) is exactly 0 in fp32 and fp64: log-probabilities clamped here give the same
 # probabilities, and products p·log p stay 0·(finite) = 0 instead of 0·(-inf) = NaN.
 LOG_FLOOR = -1.0e4
@@ -175,6 +176,58 @@ def _targets(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, tor
 # --------------------------------------------------------------------------------------------
 
 
+def _log2_shifted(
+    x: torch.Tensor,
+    tf: Transform,
+    inv_t: torch.Tensor | float,
+    shift: torch.Tensor | None,
+    d: torch.Tensor,
+    tanh_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``d ← (u - m)·log₂e`` for a block, with ``m`` the row max (``shift`` None) or ``shift``.
+
+    Returns ``(m, tanh)``. Working in base 2 lets ``exp2`` (~3× faster than ``exp`` on
+    AVX-512 CPUs, as measured for the cross-entropy kernel) run without a separate multiply.
+    Without a cap, ``u = f·x`` with ``f = a / T > 0``, so ``max u = f·max x`` and the shift is
+    taken on the raw logits: ``d = (x - m/f)·(f log₂e)``, two passes for transform and shift.
+    """
+    if tf.softcap is not None:
+        _transform(x, tf, inv_t, d, tanh_out)
+        if shift is None:
+            shift = _shift_by_max(d)
+        else:
+            d.sub_(shift)
+        d.mul_(LOG2E)
+        return shift, tanh_out
+    f = tf.scale * inv_t
+    if shift is None:
+        mx = x.amax(dim=1, keepdim=True).to(d.dtype)
+        mx = torch.where(mx == -torch.inf, torch.zeros_like(mx), mx)
+        shift = mx * f
+    else:
+        mx = shift / f
+    # The row's max gives exactly 0 here (x - mx = 0), so every exponent is ≤ 0 and the largest
+    # term is exactly 1: no overflow, no underflow of the sum, log of it ≥ 0.
+    torch.sub(x, mx, out=d)
+    d.mul_(f * LOG2E)
+    return shift, None
+
+
+def _finite_dot_(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``Σ_j e_j d_j`` per row with ``0·(-inf) = 0`` (``e = 2^d``); overwrites ``d``.
+
+    A ``-inf`` logit makes its product NaN; only rows where that happened are summed again
+    without their NaNs (a NaN logit makes the row's sum, and so its result, NaN anyway).
+    """
+    w = d.mul_(e).sum(dim=1)
+    if not host_reads_cheap(w):
+        return torch.nansum(d, dim=1)
+    bad = torch.isnan(w)
+    if bool(bad.any()):
+        w[bad] = torch.nansum(d[bad], dim=1)
+    return w
+
+
 def log_prob_rows(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -200,28 +253,21 @@ def log_prob_rows(
         stop = min(start + step, n)
         rows = stop - start
         d = scratch.get("u", rows)
-        _transform(
-            x[start:stop],
-            tf,
-            _row_factor(inv_temp, start, stop, 1.0),
-            d,
-            scratch.get("tanh", rows) if tf.softcap is not None else None,
-        )
-        m = _shift_by_max(d)
+        tanh = scratch.get("tanh", rows) if tf.softcap is not None else None
+        inv_t = _row_factor(inv_temp, start, stop, 1.0)
+        m, _ = _log2_shifted(x[start:stop], tf, inv_t, None, d, tanh)
         ok = valid[start:stop]
-        d_y = d.gather(1, safe[start:stop, None]).squeeze(1)  # u_y - max ≤ 0, exactly
+        d_y = d.gather(1, safe[start:stop, None]).squeeze(1)  # (u_y - max)·log₂e ≤ 0, exactly
         if top is not None:  # argmax's convention: the first maximum is the top-1
             top[start:stop] = (ok & (d.argmax(dim=1) == safe[start:stop])).to(cdtype)
-        if ent is not None:
-            d.clamp_(min=LOG_FLOOR)  # after d_y: a target at -inf keeps log p = -inf
-        e = _exp(d, scratch.get("e", rows))
+        e = torch.exp2(d, out=scratch.get("e", rows))
         s = e.sum(dim=1)
         log_s = s.log()  # ≥ 0: the max term is exactly 1
-        lp[start:stop] = torch.where(ok, d_y - log_s, 0.0)
+        lp[start:stop] = torch.where(ok, d_y * LN2 - log_s, 0.0)
         lse[start:stop] = m.squeeze(1) + log_s
         if ent is not None:
             # H = log s - Σ e (u - m) / s; a rounding below 0 is clamped (H ≥ 0 exactly).
-            h = log_s - torch.linalg.vecdot(e, d, dim=1) / s
+            h = log_s - _finite_dot_(e, d) * LN2 / s
             ent[start:stop] = torch.where(ok, h.clamp_(min=0.0), 0.0)
     return lp, ent, top, lse
 
@@ -255,23 +301,25 @@ def log_prob_grad_rows(
         rows = stop - start
         inv_t = _row_factor(inv_temp, start, stop, 1.0)
         d = scratch.get("u", rows)
-        tanh = _transform(
-            x[start:stop], tf, inv_t, d, scratch.get("tanh", rows) if tf.softcap else None
-        )
-        d.sub_(lse[start:stop, None])  # log p_j
-        c = coef_lp[start:stop, None]
+        tanh = scratch.get("tanh", rows) if tf.softcap is not None else None
+        _, tanh = _log2_shifted(x[start:stop], tf, inv_t, lse[start:stop, None], d, tanh)
+        # d = log₂ p. Without a cap the chain factor ∂u/∂x = a/T is a per-row number, folded
+        # into the coefficients; through a cap it is per element, applied at the end.
+        fac = tf.scale * inv_t if tanh is None else 1.0
+        c = coef_lp[start:stop, None] * fac
         g = grad_out[start:stop] if direct else scratch.get("g", rows)
+        torch.exp2(d, out=g)  # p
         if coef_ent is None:
-            # ∂/∂u_j = c ([j = y] - p_j)
-            _exp(d, g).mul_(-c)
+            g.mul_(-c)  # ∂/∂u_j = c ([j = y] - p_j)
         else:
+            # ∂/∂u_j = c [j = y] + p_j (-(c + e H) - e ln 2 · log₂ p_j)
             d.clamp_(min=LOG_FLOOR)  # p_j = 0 stays 0 and p_j·log p_j stays finite
-            _exp(d, g)
-            # ∂/∂u_j = -p_j (c + e (log p_j + H)) + c [j = y]
-            d.add_(ent[start:stop, None]).mul_(coef_ent[start:stop, None]).add_(c)
-            g.mul_(d).neg_()
+            ce = coef_ent[start:stop, None] * fac
+            d.mul_(ce * -LN2).sub_(c + ce * ent[start:stop, None])
+            g.mul_(d)
         g.scatter_add_(1, safe[start:stop, None], c)
-        _chain(g, tf, inv_t, tanh)
+        if tanh is not None:
+            _chain(g, tf, inv_t, tanh)
         ok = valid[start:stop]
         if ok.device.type != "cpu" or not bool(ok.all()):
             # Ignored rows get exactly 0, whatever their logits (even ±inf or NaN).
