@@ -711,3 +711,27 @@ def test_top1_is_argmax_first_of_ties():
     out = xent.log_probs(z, torch.tensor([1, 2, 0]), return_top1=True, temperature=0.5)
     assert out.top1.tolist() == [True, False, True]
     assert torch.equal(out.top1, z.argmax(-1) == torch.tensor([1, 2, 0]))
+
+
+@pytest.mark.parametrize("case", ["logprobs", "distill"])
+def test_bench_cases_compute_the_same_loss(case):
+    """`xent bench logprobs|distill`: every variant computes the same loss and gradients (TRL's
+    chunked functions too, where TRL is installed)."""
+    import importlib.util
+
+    from xent.tools import bench
+
+    cfg = bench.Config(case=case, n=37, c=53, h=8, ignore_frac=0.2)
+    built = bench.CASES[case](cfg)
+    names = ["xent", "torch"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    results = []
+    for name in names:
+        for p in built.params:
+            built.inputs[p].grad = None
+        loss = built.variants[name](built.inputs)
+        loss.backward()
+        results.append((loss.detach(), [built.inputs[p].grad.clone() for p in built.params]))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-5, rtol=1e-5)
+        for g, g0 in zip(grads, results[0][1], strict=True):
+            torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-4)
