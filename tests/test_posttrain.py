@@ -735,3 +735,107 @@ def test_bench_cases_compute_the_same_loss(case):
         torch.testing.assert_close(loss, results[0][0], atol=1e-5, rtol=1e-5)
         for g, g0 in zip(grads, results[0][1], strict=True):
             torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary parallelism: 2 and 3 gloo processes with uneven slices against one process
+# --------------------------------------------------------------------------------------------
+
+PAR_N, PAR_H, PAR_V = 19, 5, 29
+PAR_SPLITS = {2: [12, 17], 3: [6, 14, 9]}
+PAR_OPTIONS = [
+    {},
+    {"temperature": 0.7, "softcap": 3.0, "logit_scale": 1.2},
+    {"temperature": "rows", "logit_scale": 0.8},
+]
+
+
+def _par_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PAR_N, PAR_H, generator=gen, dtype=torch.float64)
+    w = torch.randn(PAR_V, PAR_H, generator=gen, dtype=torch.float64)
+    b = torch.randn(PAR_V, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, PAR_V, (PAR_N,), generator=gen)
+    t[::4] = -100
+    t[1], t[2] = 25, 2  # rows 1 and 2: a tie of the maximum across two slices (below)
+    up = torch.randn(2, PAR_N, generator=gen, dtype=torch.float64)
+    z = x @ w.t() + b
+    z[1:3, 25] = z[1:3, 2] = z[1:3].amax(1) + 1.0
+    return x, w, b, t, up, z
+
+
+def _par_kwargs(opts):
+    if opts.get("temperature") == "rows":
+        return {**opts, "temperature": torch.linspace(0.5, 2.0, PAR_N, dtype=torch.float64)}
+    return opts
+
+
+def _par_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    x, w, b, t, up, z = _par_problem()
+    sizes = PAR_SPLITS[world]
+    start = sum(sizes[:rank])
+    cols = slice(start, start + sizes[rank])
+    results = []
+    for k, opts in enumerate(PAR_OPTIONS):
+        kw = {**_par_kwargs(opts), "return_entropy": True, "return_top1": True}
+        local = z[:, cols].clone().requires_grad_()
+        out = posttrain.vocab_parallel_log_probs(local, t, **kw)
+        (g_local,) = torch.autograd.grad((out.log_probs * up[0] + out.entropy * up[1]).sum(), local)
+        xi, wi, bi = x.clone().requires_grad_(), w[cols].clone().requires_grad_(), b[cols].clone()
+        bi.requires_grad_()
+        vs = start if k % 2 else None
+        out2 = posttrain.vocab_parallel_linear_log_probs(
+            xi, wi, t, bias=bi, vocab_start=vs, chunk_size=5, **kw
+        )
+        grads = torch.autograd.grad(
+            (out2.log_probs * up[0] + out2.entropy * up[1]).sum(), (xi, wi, bi)
+        )
+        results.append((tuple(t.detach() for t in out), g_local, tuple(out2), *grads))
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_log_probs_match_single_process(world, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_par_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    x, w, b, t, up, z = _par_problem()
+    sizes = PAR_SPLITS[world]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for k, opts in enumerate(PAR_OPTIONS):
+        kw = {**_par_kwargs(opts), "return_entropy": True, "return_top1": True}
+        zr = z.clone().requires_grad_()
+        ref = xent.log_probs(zr, t, **kw)
+        (g_ref,) = torch.autograd.grad((ref.log_probs * up[0] + ref.entropy * up[1]).sum(), zr)
+        xr, wr, br = (p.clone().requires_grad_() for p in (x, w, b))
+        ref2 = xent.linear_log_probs(xr, wr, t, bias=br, **kw)
+        g2 = torch.autograd.grad(
+            (ref2.log_probs * up[0] + ref2.entropy * up[1]).sum(), (xr, wr, br)
+        )
+        assert ref.top1[1].item() is False and ref.top1[2].item() is True  # the tie
+        for r in range(world):
+            out, g_local, out2, gx, gw, gb = per_rank[r][k]
+            cols = slice(sum(sizes[:r]), sum(sizes[: r + 1]))
+            for a, e in zip(out[:2], ref[:2], strict=True):
+                torch.testing.assert_close(a, e.detach(), atol=1e-12, rtol=1e-12)
+            assert torch.equal(out[2], ref.top1) and torch.equal(out2[2], ref2.top1)
+            torch.testing.assert_close(g_local, g_ref[:, cols], atol=1e-12, rtol=1e-12)
+            for a, e in zip(out2[:2], ref2[:2], strict=True):
+                torch.testing.assert_close(a, e.detach(), atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(gx, g2[0], atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(gw, g2[1][cols], atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(gb, g2[2][cols], atol=1e-12, rtol=1e-12)

@@ -33,6 +33,8 @@ from xent._logprob_rows import (
     DivergenceParams,
     LogProbParams,
     Transform,
+    log_prob_grad_rows,
+    log_prob_rows_parallel,
 )
 from xent._numerics import compute_dtype, host_reads_cheap
 
@@ -185,6 +187,30 @@ class _LPOpts:
     target: torch.Tensor  # (M) int64
     inv_temp: torch.Tensor | float  # 1/T: a number or (M)
     chunk_tokens: int | None = None
+    parallel: object | None = None  # a VocabParallel: the logits are this rank's slice
+    local_target: torch.Tensor | None = None  # (M) targets within the slice (parallel only)
+    owned: torch.Tensor | None = None  # (M) bool: the target lies in this rank's slice
+
+    def stats(self, x: torch.Tensor, rows=slice(None)):
+        """The forward row kernel on rows ``rows`` of the call: ``(log p, H, top1, lse)``."""
+        target, inv_t = self.target[rows], _index(self.inv_temp, rows)
+        if self.parallel is not None:
+            return log_prob_rows_parallel(x, target, inv_t, self.params, self.parallel)
+        return _rows(self.params.impl).log_prob_rows(x, target, inv_t, self.params)
+
+    def grad(self, x, rows, lse, ent, c_lp, c_ent, grad_out) -> None:
+        """The backward row kernel: ``grad_out ← ∂(c·log p + e·H)/∂x`` for rows ``rows``."""
+        inv_t = _index(self.inv_temp, rows)
+        if self.parallel is not None:
+            log_prob_grad_rows(
+                x, self.local_target[rows], inv_t, self.params, lse, ent, c_lp, c_ent,
+                grad_out, owned=self.owned[rows],
+            )  # fmt: skip
+            return
+        kernels = _rows(self.params.impl)
+        kernels.log_prob_grad_rows(
+            x, self.target[rows], inv_t, self.params, lse, ent, c_lp, c_ent, grad_out
+        )
 
 
 class _LogProbs(torch.autograd.Function):
@@ -194,8 +220,7 @@ class _LogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, opts: _LPOpts):
-        rows = _rows(opts.params.impl)
-        lp, ent, top, lse = rows.log_prob_rows(x, opts.target, opts.inv_temp, opts.params)
+        lp, ent, top, lse = opts.stats(x)
         ctx.set_materialize_grads(False)
         ctx.opts = opts
         ctx.save_for_backward(x, lse, ent)
@@ -212,9 +237,7 @@ class _LogProbs(torch.autograd.Function):
         opts: _LPOpts = ctx.opts
         c_lp, c_ent = _upstream(opts, g_lp, g_ent, lse)
         grad = torch.empty_like(x)
-        _rows(opts.params.impl).log_prob_grad_rows(
-            x, opts.target, opts.inv_temp, opts.params, lse, ent, c_lp, c_ent, grad
-        )
+        opts.grad(x, slice(None), lse, ent, c_lp, c_ent, grad)
         return grad, None
 
 
@@ -352,17 +375,13 @@ class _LogProbKernel:
 
     def __call__(self, z, rows, grad_out):
         o = self.opts
-        kernels = _rows(o.params.impl)
-        target, inv_t = o.target[rows], _index(o.inv_temp, rows)
         if grad_out is None:
-            lp, ent, top, lse = kernels.log_prob_rows(z, target, inv_t, o.params)
+            lp, ent, top, lse = o.stats(z, rows)
             zeros = torch.zeros_like(lp)
             return lp, zeros if ent is None else ent, zeros if top is None else top, lse
-        kernels.log_prob_grad_rows(
+        o.grad(
             z,
-            target,
-            inv_t,
-            o.params,
+            rows,
             self.lse[rows],
             None if self.c_ent is None else self.ent[rows],
             self.c_lp[rows],
@@ -381,7 +400,14 @@ class _LinearLogProbs(torch.autograd.Function):
     def forward(ctx, x, w, b, opts: _LPOpts):
         skip = opts.target == opts.params.ignore_index
         (lp, ent, top, lse), *_ = linear_walk(
-            x, w, b, _LogProbKernel(opts), num_outputs=4, skip=skip, chunk_tokens=opts.chunk_tokens
+            x,
+            w,
+            b,
+            _LogProbKernel(opts),
+            num_outputs=4,
+            skip=skip,
+            chunk_tokens=opts.chunk_tokens,
+            parallel=opts.parallel,
         )
         ctx.set_materialize_grads(False)
         ctx.opts, ctx.skip = opts, skip
@@ -410,6 +436,7 @@ class _LinearLogProbs(torch.autograd.Function):
             need=tuple(ctx.needs_input_grad[:3]),
             skip=ctx.skip,
             chunk_tokens=opts.chunk_tokens,
+            parallel=opts.parallel,
         )
         return (
             None if gx is None else gx.to(x.dtype),
@@ -491,6 +518,121 @@ def linear_log_probs(
         Transform(scale, cap), int(ignore_index), bool(return_entropy), bool(return_top1), impl=kind
     )
     opts = _LPOpts(params, target.reshape(-1).long(), inv_t, chunk)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    lp, ent, top = _LinearLogProbs.apply(x, weight, bias, opts)
+    return _lp_result(lp, ent, top, target.shape, return_entropy, return_top1)
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary parallelism: the head (or the logits) split over the ranks along the vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+def _parallel_opts(
+    opts: _LPOpts, group, vocab_start: int | None, size: int, device: torch.device
+) -> _LPOpts:
+    from dataclasses import replace
+
+    from xent._engine.parallel import layout
+
+    vp = layout(group, size, vocab_start, device)
+    valid = opts.target != opts.params.ignore_index
+    local = opts.target - vp.start
+    owned = valid & (local >= 0) & (local < vp.size)
+    # Ignored rows keep ignore_index (the kernel zeroes them); others a safe index in the slice.
+    local = torch.where(owned, local, torch.zeros_like(local))
+    local = torch.where(valid, local, opts.target)
+    return replace(opts, parallel=vp, local_target=local, owned=owned)
+
+
+def vocab_parallel_log_probs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_top1: bool = False,
+) -> torch.Tensor | LogProbs:
+    """:func:`log_probs` over a vocabulary split across the ranks of ``group``.
+
+    Each rank passes the ``(..., V_r)`` logits of its contiguous slice of classes (rank order,
+    or starting at ``vocab_start``) and the same global targets; every rank gets the
+    log-probabilities, entropies and top-1 flags over the **whole** vocabulary, and backward
+    gives each rank the gradient for its slice (nothing is communicated in backward). Per call
+    of ``n`` tokens: an all-reduce MAX of ``n`` floats and a SUM of ``3n`` (a second MAX of
+    ``n`` for ``top1``); never anything ``n × V``. The row kernels are torch's.
+
+    Example:
+        >>> import torch, xent  # one process: a group of one holds the whole vocabulary
+        >>> import torch.distributed as dist
+        >>> from xent.posttrain import vocab_parallel_log_probs
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> z = torch.log(torch.tensor([[0.4, 0.4, 0.2]]))
+        >>> vocab_parallel_log_probs(z, torch.tensor([2]))
+        tensor([-1.6094])
+        >>> dist.destroy_process_group()
+    """
+    _check_logits("logits", logits)
+    scale = _check_positive("logit_scale", logit_scale)
+    cap = _check_positive("softcap", softcap, allow_none=True)
+    _check_target(target, logits.shape[:-1], 2**62, ignore_index)  # range: checked below
+    cdtype = compute_dtype(logits.dtype)
+    inv_t = _inverse_temperature(temperature, target.shape, logits.device, cdtype)
+    params = LogProbParams(
+        Transform(scale, cap), int(ignore_index), bool(return_entropy), bool(return_top1)
+    )
+    vocab = logits.shape[-1]
+    opts = _LPOpts(params, target.reshape(-1).long(), inv_t)
+    opts = _parallel_opts(opts, group, vocab_start, vocab, logits.device)
+    _check_target(target, logits.shape[:-1], opts.parallel.vocab, ignore_index)
+    x = logits.reshape(-1, vocab)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    lp, ent, top = _LogProbs.apply(x, opts)
+    return _lp_result(lp, ent, top, target.shape, return_entropy, return_top1)
+
+
+def vocab_parallel_linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    group=None,
+    vocab_start: int | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_top1: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | LogProbs:
+    """:func:`linear_log_probs` with the head split along the vocabulary: each rank passes the
+    same ``hidden`` and targets and its own ``(V_r, H)`` slice of the weight (and bias).
+
+    Every rank gets the results over the whole vocabulary; backward gives each rank the gradient
+    of its weight slice and the full ``∂hidden`` (all-reduced once, at the end of the walk).
+    Per chunk of ``n`` tokens: an all-reduce MAX of ``n`` and a SUM of ``3n`` floats in the
+    forward (a second MAX of ``n`` for ``top1``); backward communicates only ``∂hidden``.
+    """
+    _check_head("", hidden, weight, bias)
+    scale = _check_positive("logit_scale", logit_scale)
+    cap = _check_positive("softcap", softcap, allow_none=True)
+    chunk = _check_chunk(chunk_size)
+    _check_target(target, hidden.shape[:-1], 2**62, ignore_index)
+    cdtype = compute_dtype(hidden.dtype)
+    inv_t = _inverse_temperature(temperature, target.shape, hidden.device, cdtype)
+    params = LogProbParams(
+        Transform(scale, cap), int(ignore_index), bool(return_entropy), bool(return_top1)
+    )
+    opts = _LPOpts(params, target.reshape(-1).long(), inv_t, chunk)
+    opts = _parallel_opts(opts, group, vocab_start, weight.shape[0], hidden.device)
+    _check_target(target, hidden.shape[:-1], opts.parallel.vocab, ignore_index)
     x = hidden.reshape(-1, hidden.shape[-1])
     lp, ent, top = _LinearLogProbs.apply(x, weight, bias, opts)
     return _lp_result(lp, ent, top, target.shape, return_entropy, return_top1)
