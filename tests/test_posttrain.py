@@ -221,7 +221,8 @@ def test_extreme_temperatures(temperature):
     g = torch.autograd.grad(out.log_probs.sum() + out.entropy.sum(), z)[0]
     g_ref = torch.autograd.grad(lp.sum() + ent.sum(), z)[0]
     assert torch.isfinite(g).all()
-    torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-8)
+    # ∂u/∂z = 1/T scales every entry (and its rounding): the tolerance follows the gradient's size.
+    torch.testing.assert_close(g, g_ref, atol=1e-11 * float(g_ref.abs().max()), rtol=1e-8)
 
 
 def test_minus_inf_logits():

@@ -41,10 +41,13 @@ import torch
 
 from xent._numerics import compute_dtype, host_reads_cheap
 
-# Bytes of fp32 per scratch buffer: a block of rows that stays in the L2/L3 cache while each torch
-# call is long enough for its ~10 µs fixed cost to be noise (the budget the cross-entropy kernel
-# measured). The divergences hold six such buffers, so their blocks are half as large.
-BLOCK_BYTES = 4 << 20
+# Bytes of fp32 per scratch buffer when the caller gives no block size. Each block costs ~8 torch
+# calls; on a CPU shared with other processes a call's thread hand-off was measured at up to
+# ~4 ms (2 threads, load 6 on 2 cores), so blocks larger than the 4 MiB the cross-entropy kernel
+# uses pay for the lost cache locality there. The chunk walker's callers pass the chunk itself
+# as the block (one scratch buffer per chunk, counted in the chunk budget). The divergences hold
+# six buffers, so their blocks are a sixth of this.
+BLOCK_BYTES = 16 << 20
 LOG2E = 1.4426950408889634  # 1 / ln 2
 LN2 = 0.6931471805599453
 # exp(-1e4) is exactly 0 in fp32 and fp64: log-probabilities clamped here give the same
@@ -205,31 +208,36 @@ def _log2_shifted(
         d.mul_(LOG2E)
         return shift, tanh_out
     f = tf.scale * inv_t
-    if shift is None:
-        mx = x.amax(dim=1, keepdim=True).to(d.dtype) if raw_max is None else raw_max
-        mx = torch.where(mx == -torch.inf, torch.zeros_like(mx), mx)
-        shift = mx * f
-    else:
-        mx = shift / f
+    if shift is not None:
+        # A given shift (backward's lse): d = x·(f log₂e) - shift·log₂e in one pass.
+        if isinstance(f, torch.Tensor):
+            torch.addcmul(shift * -LOG2E, x, f * LOG2E, out=d)
+        else:
+            torch.add(shift * -LOG2E, x, alpha=f * LOG2E, out=d)
+        return shift, None
+    mx = x.amax(dim=1, keepdim=True).to(d.dtype) if raw_max is None else raw_max
+    mx = torch.where(mx == -torch.inf, torch.zeros_like(mx), mx)
     # The row's max gives exactly 0 here (x - mx = 0), so every exponent is ≤ 0 and the largest
     # term is exactly 1: no overflow, no underflow of the sum, log of it ≥ 0.
     torch.sub(x, mx, out=d)
     d.mul_(f * LOG2E)
-    return shift, None
+    return mx * f, None
 
 
 def _finite_dot_(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``Σ_j e_j d_j`` per row with ``0·(-inf) = 0`` (``e = 2^d``); overwrites ``d``.
+    """``Σ_j e_j d_j`` per row with ``0·(-inf) = 0`` (``e = 2^d``); overwrites ``e``.
 
     A ``-inf`` logit makes its product NaN; only rows where that happened are summed again
-    without their NaNs (a NaN logit makes the row's sum, and so its result, NaN anyway).
+    without their NaNs (a NaN logit makes the row's ``log s``, and so its entropy, NaN anyway).
+    One multiply and one sum: ``torch.special.xlogy(e, e)`` does the same in one call but
+    measured ~3× slower than both together on a CPU.
     """
-    w = d.mul_(e).sum(dim=1)
+    w = e.mul_(d).sum(dim=1)
     if not host_reads_cheap(w):
-        return torch.nansum(d, dim=1)
+        return torch.where(torch.isnan(w), torch.nansum(e, dim=1), w)
     bad = torch.isnan(w)
     if bool(bad.any()):
-        w[bad] = torch.nansum(d[bad], dim=1)
+        w[bad] = torch.nansum(e[bad], dim=1)
     return w
 
 
@@ -265,7 +273,9 @@ def log_prob_rows(
         d_y = d.gather(1, safe[start:stop, None]).squeeze(1)  # (u_y - max)·log₂e ≤ 0, exactly
         if top is not None:  # argmax's convention: the first maximum is the top-1
             top[start:stop] = (ok & (d.argmax(dim=1) == safe[start:stop])).to(cdtype)
-        e = torch.exp2(d, out=scratch.get("e", rows))
+        # e = e^{u - m}: over d when only the log-probabilities are wanted (one scratch buffer),
+        # beside it for the entropy.
+        e = d.exp2_() if ent is None else torch.exp2(d, out=scratch.get("e", rows))
         s = e.sum(dim=1)
         log_s = s.log()  # ≥ 0: the max term is exactly 1
         lp[start:stop] = torch.where(ok, d_y * LN2 - log_s, 0.0)
@@ -308,22 +318,24 @@ def log_prob_grad_rows(
         stop = min(start + step, n)
         rows = stop - start
         inv_t = _row_factor(inv_temp, start, stop, 1.0)
-        d = scratch.get("u", rows)
         tanh = scratch.get("tanh", rows) if tf.softcap is not None else None
+        g = grad_out[start:stop] if direct else scratch.get("g", rows)
+        # Without the entropy, log₂ p is formed straight in the gradient's buffer (which may be
+        # x's own: each element is read before it is written) and no scratch is needed.
+        d = g if coef_ent is None else scratch.get("u", rows)
         _, tanh = _log2_shifted(x[start:stop], tf, inv_t, lse[start:stop, None], d, tanh)
         # d = log₂ p. Without a cap the chain factor ∂u/∂x = a/T is a per-row number, folded
         # into the coefficients; through a cap it is per element, applied at the end.
         fac = tf.scale * inv_t if tanh is None else 1.0
         c = coef_lp[start:stop, None] * fac
-        g = grad_out[start:stop] if direct else scratch.get("g", rows)
-        torch.exp2(d, out=g)  # p
         if coef_ent is None:
-            g.mul_(-c)  # ∂/∂u_j = c ([j = y] - p_j)
+            g.exp2_().mul_(-c)  # ∂/∂u_j = c ([j = y] - p_j)
         else:
+            torch.exp2(d, out=g)  # p
             # ∂/∂u_j = c [j = y] + p_j (-(c + e H) - e ln 2 · log₂ p_j)
             d.clamp_(min=LOG_FLOOR)  # p_j = 0 stays 0 and p_j·log p_j stays finite
             ce = coef_ent[start:stop, None] * fac
-            d.mul_(ce * -LN2).sub_(c + ce * ent[start:stop, None])
+            torch.addcmul(-(c + ce * ent[start:stop, None]), d, ce * -LN2, out=d)
             g.mul_(d)
         if owned is not None:
             c = torch.where(owned[start:stop, None], c, 0.0)
@@ -376,7 +388,7 @@ def log_prob_rows_parallel(
         m[start:stop] = d.amax(dim=1, keepdim=True)
     parallel.all_reduce_max(m)
     lse = torch.empty(n, dtype=cdtype, device=x.device)
-    sums = torch.zeros(3, n, dtype=cdtype, device=x.device)  # Σ e, Σ e·d, d_y (base 2)
+    sums = torch.zeros(3, n, dtype=cdtype, device=x.device)  # Σ e, Σ e ln e, d_y (base 2)
     first = torch.full((n,), float(-parallel.vocab), dtype=cdtype, device=x.device)
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -401,10 +413,10 @@ def log_prob_rows_parallel(
             first[start:stop] = torch.where(
                 best >= 0, -(idx + parallel.start).to(cdtype), first[start:stop]
             )
-        e = torch.exp2(d, out=scratch.get("e", rows))
+        e = d.exp2_()
         sums[0, start:stop] = e.sum(dim=1)
         if params.entropy:
-            sums[1, start:stop] = _finite_dot_(e, d)
+            sums[1, start:stop] = torch.special.xlogy(e, e, out=e).sum(dim=1)  # Σ e ln e
     parallel.all_reduce_sum(sums)
     s, w, d_y = sums
     log_s = s.log()
@@ -412,7 +424,7 @@ def log_prob_rows_parallel(
     lse += log_s
     ent = top = None
     if params.entropy:
-        ent = torch.where(valid, (log_s - w * LN2 / s).clamp_(min=0.0), 0.0)
+        ent = torch.where(valid, (log_s - w / s).clamp_(min=0.0), 0.0)
     if params.top1:
         parallel.all_reduce_max(first)
         top = (valid & (-first == safe)).to(cdtype)
@@ -459,7 +471,7 @@ def divergence_rows(
     cdtype = compute_dtype(xs.dtype)
     beta = params.beta
     loss = torch.empty(n, dtype=cdtype, device=xs.device)
-    step = _rows_per_block(params.block_rows, vocab, buffers_per_block=2)
+    step = _rows_per_block(params.block_rows, vocab, buffers_per_block=6)
     scratch = _Scratch(min(step, max(n, 1)), vocab, xs.device, cdtype)
     direct = grad_out is not None and grad_out.dtype == cdtype
     for start in range(0, n, step):

@@ -365,6 +365,23 @@ def _index(t: torch.Tensor | float, rows) -> torch.Tensor | float:
     return t[rows] if isinstance(t, torch.Tensor) else t
 
 
+def _lp_chunk(
+    chunk: int | None, vocab: int, x: torch.Tensor, capped: bool, entropy: bool
+) -> tuple[int, int]:
+    """``(tokens per chunk, rows per block of the torch kernels)`` for the fused log-probabilities.
+
+    The kernels' scratch is one chunk of fp32 in all: one chunk-sized buffer, or, for the
+    entropy (whose forward holds two), blocks of half a chunk; through a cap another buffer,
+    and on the tensor-core path one more for the fp32 gradient beside the bf16 one. The default
+    chunk is as many tokens as the walker's budget holds with that scratch counted.
+    """
+    split = fp32_out_gemms(x)
+    if chunk is None:
+        per_logit = 4 * (2 + int(capped) + int(split)) + (2 if split else 0)
+        chunk = tokens_per_chunk(vocab, x.device, per_logit)
+    return chunk, max(1, chunk // 2) if entropy else chunk
+
+
 class _LogProbKernel:
     """The row kernel of :func:`linear_log_probs` for the chunk walker: forward statistics
     (``grad_out`` None: returns ``log p, H, top1, lse``) or, built with coefficients, the
@@ -475,8 +492,9 @@ def linear_log_probs(
         target: ``(...)`` class indices (the hidden states' shape without ``H``).
         temperature, logit_scale, softcap, ignore_index, return_entropy, return_top1: as in
             :func:`log_probs`.
-        chunk_size: tokens per chunk; default as many as fit 48 MiB of fp32 logits (512 MiB on
-            CUDA).
+        chunk_size: tokens per chunk; default as many as fit 48 MiB (512 MiB on CUDA) of fp32
+            logits together with the torch kernel's scratch (one chunk-sized buffer, two with a
+            cap).
         impl: ``"auto"``, ``"torch"``, ``"triton"`` (the row kernel; the matrix products are
             torch's) or ``"reference"`` (materialise the logits).
 
@@ -484,7 +502,8 @@ def linear_log_probs(
         As :func:`log_probs`: ``(...)`` fp32 log-probabilities, or :class:`LogProbs`.
 
     Equals ``xent.log_probs(torch.nn.functional.linear(hidden, weight, bias), target, ...)``.
-    Memory: one chunk of fp32 logits besides the gradients.
+    Memory besides the gradients: one chunk of fp32 logits and the kernel's scratch, 48 MiB in
+    all by default.
 
     Example:
         >>> import torch, xent
@@ -514,8 +533,14 @@ def linear_log_probs(
             return_entropy=return_entropy,
             return_top1=return_top1,
         )
+    chunk, block = _lp_chunk(chunk, vocab, hidden, cap is not None, bool(return_entropy))
     params = LogProbParams(
-        Transform(scale, cap), int(ignore_index), bool(return_entropy), bool(return_top1), impl=kind
+        Transform(scale, cap),
+        int(ignore_index),
+        bool(return_entropy),
+        bool(return_top1),
+        block_rows=block,
+        impl=kind,
     )
     opts = _LPOpts(params, target.reshape(-1).long(), inv_t, chunk)
     x = hidden.reshape(-1, hidden.shape[-1])
@@ -627,8 +652,17 @@ def vocab_parallel_linear_log_probs(
     _check_target(target, hidden.shape[:-1], 2**62, ignore_index)
     cdtype = compute_dtype(hidden.dtype)
     inv_t = _inverse_temperature(temperature, target.shape, hidden.device, cdtype)
+    # Every rank walks the same chunks: the budget counts the global vocabulary.
+    from xent._engine.parallel import layout
+
+    global_vocab = layout(group, weight.shape[0], vocab_start, hidden.device).vocab
+    chunk, block = _lp_chunk(chunk, global_vocab, hidden, cap is not None, bool(return_entropy))
     params = LogProbParams(
-        Transform(scale, cap), int(ignore_index), bool(return_entropy), bool(return_top1)
+        Transform(scale, cap),
+        int(ignore_index),
+        bool(return_entropy),
+        bool(return_top1),
+        block_rows=block,
     )
     opts = _LPOpts(params, target.reshape(-1).long(), inv_t, chunk)
     opts = _parallel_opts(opts, group, vocab_start, weight.shape[0], hidden.device)
@@ -914,7 +948,7 @@ class _DivergenceKernel:
     def __init__(self, opts: _DivOpts, teacher: tuple, coef: torch.Tensor | None) -> None:
         self.opts, self.teacher, self.coef = opts, teacher, coef
 
-    def teacher_logits(self, rows, like: torch.Tensor) -> torch.Tensor:
+    def teacher_logits(self, rows) -> torch.Tensor:
         if len(self.teacher) == 1:
             return self.teacher[0][rows]
         th, tw, tb = self.teacher
@@ -926,7 +960,7 @@ class _DivergenceKernel:
 
     def __call__(self, z, rows, grad_out):
         o = self.opts
-        zt = self.teacher_logits(rows, z)
+        zt = self.teacher_logits(rows)
         loss = _rows(o.params.impl).divergence_rows(
             z,
             zt,
