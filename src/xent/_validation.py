@@ -7,8 +7,10 @@ in the message, before any arithmetic happens.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from xent._numerics import host_reads_cheap
@@ -38,11 +40,12 @@ def check_label_smoothing(label_smoothing: float) -> float:
 
 
 def check_floating(name: str, tensor: torch.Tensor) -> None:
-    """Raise ``TypeError`` unless ``tensor`` has a floating dtype."""
+    """Raise :class:`DtypeError` unless ``tensor`` has a floating dtype (``TypeError`` for a
+    non-tensor)."""
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        raise NotATensorError(f"{name} must be a torch.Tensor, got {_type_name(tensor)}")
     if not tensor.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+        raise DtypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
 
 
 def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -231,3 +234,146 @@ def check_normalizer(
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# Misuse: non-tensor arguments and integer, boolean or complex dtypes
+# --------------------------------------------------------------------------------------------
+
+
+class NotATensorError(TypeError, AttributeError):
+    """A list, array or number where a tensor belongs.
+
+    PyTorch raises ``TypeError`` from its compiled bindings (``argument 'target' (position 2)
+    must be Tensor, not list``) but ``AttributeError`` from its Python-level functions
+    (``'list' object has no attribute 'size'``); this is both, so code written against either
+    keeps catching it.
+    """
+
+
+class DtypeError(NotImplementedError, TypeError):
+    """An integer, boolean or complex tensor where a floating one belongs.
+
+    PyTorch raises ``NotImplementedError`` (a ``RuntimeError``) from its kernels or a plain
+    ``RuntimeError`` from its dtype checks; xent raised ``TypeError``. This is all three.
+    """
+
+
+class ComplexDataError(ValueError, TypeError):
+    """Complex values given to ``log_loss``: scikit-learn raises ``ValueError``, xent raised
+    ``TypeError``; this is both."""
+
+
+def _type_name(value: object) -> str:
+    """``list``, ``float``, ``numpy.ndarray``: a type's name as PyTorch prints it."""
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def check_tensor(
+    name: str, value: object, position: int | None, function: str, *, optional: bool = False
+) -> None:
+    """Raise :class:`NotATensorError` in PyTorch's words unless ``value`` is a tensor.
+
+    ``position`` is the 1-based place of the argument in the signature (``None`` for a
+    keyword-only one); ``optional`` lets ``None`` pass. The message reads like PyTorch's:
+    ``cross_entropy(): argument 'target' (position 2) must be Tensor, not list``.
+    """
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return
+    where = "" if position is None else f" (position {position})"
+    raise NotATensorError(
+        f"{function}(): argument '{name}'{where} must be Tensor, not {_type_name(value)}"
+    )
+
+
+def _slot(function: Callable[..., Any], name: str) -> tuple[int | None, bool]:
+    """Parameter ``name`` of ``function``: its 1-based position (``None`` if keyword-only) and
+    whether its default is ``None``. Read off the code object, which ``torch.compile`` traces."""
+    code = function.__code__
+    index = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount].index(name)
+    if index < code.co_argcount:
+        defaults = function.__defaults__ or ()
+        first = code.co_argcount - len(defaults)
+        return index + 1, index >= first and defaults[index - first] is None
+    kwdefaults = function.__kwdefaults__ or {}
+    return None, name in kwdefaults and kwdefaults[name] is None
+
+
+def check_tensor_args(
+    function: Callable[..., Any],
+    *,
+    floating: tuple[str, ...] = (),
+    real: tuple[str, ...] = (),
+    **args: object,
+) -> None:
+    """Check a public function's tensor arguments before anything reads them.
+
+    Each keyword in ``args`` must be a tensor (:func:`check_tensor`; its position, and whether
+    ``None`` may stand for it, are read off ``function``'s signature). Those named in
+    ``floating`` must have a floating dtype and those in ``real`` must not be complex (PyTorch
+    promotes integer and boolean per-element weights), else :class:`DtypeError` naming the
+    argument and its dtype.
+    """
+    for name, value in args.items():
+        if not isinstance(value, torch.Tensor):  # the signature is read only off this path
+            position, optional = _slot(function, name)
+            check_tensor(name, value, position, function.__name__, optional=optional)
+    for name in floating:
+        value = args[name]
+        if value is not None and not value.is_floating_point():
+            raise DtypeError(
+                f"{function.__name__}(): {name} must have a floating dtype, got {value.dtype}"
+            )
+    for name in real:
+        value = args[name]
+        if value is not None and value.is_complex():
+            raise DtypeError(
+                f"{function.__name__}(): {name} must be real (floating, integer or boolean), "
+                f"got {value.dtype}"
+            )
+
+
+def floating_or_default(
+    name: str, value: torch.Tensor, function: Callable[..., Any]
+) -> torch.Tensor:
+    """``value`` as a floating tensor: integers and booleans become the default dtype (as
+    PyTorch promotes them in ``xlogy`` or ``logsumexp``); complex raises :class:`DtypeError`."""
+    check_tensor_args(function, **{name: value})
+    if value.is_complex():
+        raise DtypeError(f"{function.__name__}(): {name} must be real, got {value.dtype}")
+    return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+
+
+def as_index_target(name: str, target: torch.Tensor, function: Callable[..., Any]) -> torch.Tensor:
+    """A class-index ``target`` as int64, or :class:`DtypeError` for a floating, boolean or
+    complex one (PyTorch: ``RuntimeError``). int64 so that a uint8 target is never read as a
+    mask, nor compared with a negative ``ignore_index`` after wrapping around."""
+    check_tensor_args(function, **{name: target})
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise DtypeError(
+            f"{function.__name__}(): {name} must hold class indices of an integer dtype, "
+            f"got {target.dtype}"
+        )
+    return target.long()
+
+
+def check_real_array(name: str, value: object) -> None:
+    """Raise :class:`ComplexDataError` if the array-like ``value`` holds complex numbers.
+
+    Ragged or non-numeric array-likes pass here and are judged where they are read.
+    """
+    if isinstance(value, torch.Tensor):
+        is_complex = value.is_complex()
+    else:
+        try:
+            is_complex = np.iscomplexobj(np.asarray(value))
+        except (TypeError, ValueError):
+            return
+    if is_complex:
+        dtype = value.dtype if isinstance(value, torch.Tensor) else np.asarray(value).dtype
+        raise ComplexDataError(f"Complex data not supported: {name} has dtype {dtype}")

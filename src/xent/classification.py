@@ -29,6 +29,7 @@ from xent._validation import (
     check_reduction,
     check_softcap,
     check_target_range,
+    check_tensor_args,
     check_z_loss,
 )
 
@@ -148,6 +149,9 @@ def cross_entropy(
         >>> xent.cross_entropy(logits, torch.tensor([1]), label_smoothing=0.1)
         tensor(0.9394)
     """
+    check_tensor_args(
+        cross_entropy, input=input, target=target, weight=weight, floating=("input", "weight")
+    )
     check_reduction(reduction)
     eps = check_label_smoothing(label_smoothing)
     vocab_parallel = None
@@ -230,6 +234,9 @@ def nll_loss(
         >>> xent.nll_loss(log_p, torch.tensor([2]))
         tensor(0.2485)
     """
+    check_tensor_args(
+        nll_loss, input=input, target=target, weight=weight, floating=("input", "weight")
+    )
     check_reduction(reduction)
     check_logits(input)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]

@@ -37,6 +37,7 @@ from xent._validation import (
     check_reduction,
     check_softcap,
     check_target_range,
+    check_tensor_args,
     check_z_loss,
 )
 
@@ -117,12 +118,16 @@ def vocab_parallel_cross_entropy(
         tensor(0.2413, grad_fn=<CrossEntropyFnBackward>)
         >>> dist.destroy_process_group()
     """
+    check_tensor_args(
+        vocab_parallel_cross_entropy,
+        logits=logits,
+        target=target,
+        weight=weight,
+        floating=("logits", "weight"),
+    )
     label_smoothing = _check_common(target, logits.shape[0], reduction, label_smoothing)
-    if logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(
-            f"logits must be a floating (N, V_local) tensor, got {logits.dtype} of shape "
-            f"{tuple(logits.shape)}"
-        )
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (N, V_local), got {tuple(logits.shape)}")
     layout = _parallel.layout(group, logits.shape[1], vocab_start, logits.device)
     check_class_weight(weight, layout.vocab)
     impl = dispatch.resolve(impl, logits)
@@ -188,6 +193,15 @@ def vocab_parallel_linear_cross_entropy(
         tensor(0.6348)
         >>> dist.destroy_process_group()
     """
+    check_tensor_args(
+        vocab_parallel_linear_cross_entropy,
+        input=input,
+        linear_weight=linear_weight,
+        target=target,
+        linear_bias=linear_bias,
+        weight=weight,
+        floating=("input", "linear_weight", "linear_bias", "weight"),
+    )
     if input.dim() != 2:
         raise ValueError(f"input must have shape (N, H), got {tuple(input.shape)}")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[1]:

@@ -25,6 +25,7 @@ from xent._validation import (
     check_reduction,
     check_softcap,
     check_target_range,
+    check_tensor_args,
     check_z_loss,
 )
 from xent.reference import linear_cross_entropy_reference
@@ -112,6 +113,17 @@ def linear_cross_entropy(
         >>> xent.linear_cross_entropy(x, w, torch.tensor([0, 1]), reduction="sum", normalizer=None)
         tensor(0.6265)
     """
+    check_tensor_args(
+        linear_cross_entropy,
+        input=input,
+        linear_weight=linear_weight,
+        target=target,
+        linear_bias=linear_bias,
+        weight=weight,
+        token_weight=token_weight,
+        floating=("input", "linear_weight", "linear_bias", "weight"),
+        real=("token_weight",),
+    )
     check_reduction(reduction)
     eps = check_label_smoothing(label_smoothing)
     vocab_parallel = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from xent._numerics import compute_dtype, reduce_rows, row_coefficients, stable_max
-from xent._validation import Reduction
+from xent._validation import Reduction, as_index_target, check_tensor_args
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,16 @@ def cross_entropy_reference(
         >>> cross_entropy_reference(logits, torch.tensor([1]))
         tensor(0.9163)
     """
+    check_tensor_args(
+        cross_entropy_reference,
+        input=input,
+        target=target,
+        weight=weight,
+        floating=("input", "weight"),
+    )
     probs = tuple(target.shape) == tuple(input.shape)
+    if not probs:
+        target = as_index_target("target", target, cross_entropy_reference)
     rows_target = _rows(target) if probs else target.reshape(-1).long()
     per_row = cross_entropy_per_row(
         _rows(input), rows_target, weight, ignore_index, label_smoothing, z_loss, softcap
@@ -138,6 +147,18 @@ def linear_cross_entropy_reference(
         >>> xent.linear_cross_entropy_reference(x, w, torch.tensor([0, 1]))
         tensor(0.3133)
     """
+    check_tensor_args(
+        linear_cross_entropy_reference,
+        input=input,
+        linear_weight=linear_weight,
+        target=target,
+        linear_bias=linear_bias,
+        weight=weight,
+        token_weight=token_weight,
+        floating=("input", "linear_weight", "linear_bias", "weight"),
+        real=("token_weight",),
+    )
+    target = as_index_target("target", target, linear_cross_entropy_reference)
     cdtype = compute_dtype(input.dtype)
     x = input.reshape(-1, input.shape[-1]).to(cdtype)
     z = x @ linear_weight.to(cdtype).t()
@@ -161,4 +182,4 @@ def linear_cross_entropy_reference(
     return out.to(input.dtype)
 
 
-__all__ = ["cross_entropy_per_row", "cross_entropy_reference", "linear_cross_entropy_reference"]
+__all__ = ["cross_entropy_reference", "linear_cross_entropy_reference"]

@@ -37,6 +37,9 @@ from xent._engine.dispatch import row_pass
 from xent._engine.options import CHUNK_BYTES, CEParams
 from xent._numerics import compute_dtype, target_weights
 
+# The backends whose one-pass kernel takes a vocabulary slice (CEParams.sliced).
+_SLICED_BACKENDS = {"torch": True, "triton": False}
+
 
 @dataclass(frozen=True)
 class VocabParallel:
@@ -83,6 +86,8 @@ class VocabParallel:
             loss = torch.zeros_like(lse)
         if grad_out is not None:
             sliced = replace(params, class_start=self.start, num_classes=self.vocab)
+            if not _SLICED_BACKENDS.get(params.impl, False):
+                sliced = replace(sliced, impl="torch")
             row_pass(sliced)(z, target, weight, coef, sliced, lse_in=lse, grad_out=grad_out)
         return loss, lse
 
@@ -149,7 +154,9 @@ def layout(
     first time; with ``vocab_start=None`` the slices are laid out in rank order. The slices must
     be non-empty, contiguous, disjoint and cover ``[0, V)`` in rank order; otherwise every rank
     raises the same ``ValueError`` naming the offending rank and slice. The result is kept, so
-    later calls read nothing back from the device.
+    later calls read nothing back from the device. Every rank must pass the same slice size from
+    one call to the next (as a training job does): a rank whose size changes alone would gather
+    while the others do not.
     """
     group = group if group is not None else dist.distributed_c10d._get_default_group()
     key = (group, int(size), vocab_start, device.type)
