@@ -37,6 +37,7 @@ from xent._logprob_rows import (
     log_prob_rows_parallel,
 )
 from xent._numerics import compute_dtype, host_reads_cheap
+from xent._validation import check_tensor_args
 
 DistillReduction = Literal["none", "mean", "sum", "batchmean"]
 DISTILL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
@@ -326,6 +327,7 @@ def log_probs(
         >>> out.entropy, out.top1
         (tensor([1.0549, 1.0397]), tensor([False,  True]))
     """
+    check_tensor_args(log_probs, floating=("logits",), logits=logits, target=target)
     _check_logits("logits", logits)
     kind = resolve(impl, logits)
     vocab = logits.shape[-1]
@@ -511,6 +513,14 @@ def linear_log_probs(
         >>> xent.linear_log_probs(h, w, torch.tensor([0, 0]))
         tensor([-0.3133, -1.3133])
     """
+    check_tensor_args(
+        linear_log_probs,
+        floating=("hidden", "weight", "bias"),
+        hidden=hidden,
+        weight=weight,
+        target=target,
+        bias=bias,
+    )
     _check_head("", hidden, weight, bias)
     kind = resolve(impl, hidden)
     vocab = weight.shape[0]
@@ -895,6 +905,15 @@ def distill_divergence(
         >>> xent.distill_divergence(s, t, beta=1.0, reduction="sum")
         tensor(0.5108)
     """
+    check_tensor_args(
+        distill_divergence,
+        floating=("student_logits", "teacher_logits"),
+        real=("token_weight",),
+        student_logits=student_logits,
+        teacher_logits=teacher_logits,
+        target=target,
+        token_weight=token_weight,
+    )
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
@@ -1083,6 +1102,28 @@ def linear_distill_divergence(
         >>> xent.linear_distill_divergence(h, w, teacher_hidden=h, teacher_weight=2 * w)
         tensor(0.0671)
     """
+    check_tensor_args(
+        linear_distill_divergence,
+        floating=(
+            "student_hidden",
+            "student_weight",
+            "student_bias",
+            "teacher_logits",
+            "teacher_hidden",
+            "teacher_weight",
+            "teacher_bias",
+        ),
+        real=("token_weight",),
+        student_hidden=student_hidden,
+        student_weight=student_weight,
+        target=target,
+        student_bias=student_bias,
+        teacher_logits=teacher_logits,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        token_weight=token_weight,
+    )
     _check_head("student", student_hidden, student_weight, student_bias)
     kind = resolve(impl, student_hidden)
     shape = student_hidden.shape[:-1]
