@@ -66,6 +66,25 @@ def _entropy_oracle(p: Any, dim: int = -1) -> torch.Tensor:
     return -torch.xlogy(p, p).sum(dim)  # xent.entropy's documented equivalent
 
 
+def _log_probs_oracle(logits: Any, target: Any) -> torch.Tensor:
+    return -F.cross_entropy(logits, target, reduction="none")
+
+
+def _linear_log_probs_oracle(hidden: Any, weight: Any, target: Any, bias: Any = None) -> Any:
+    return _log_probs_oracle(F.linear(hidden, weight, bias), target)
+
+
+def _distill_oracle(student_logits: Any, teacher_logits: Any) -> torch.Tensor:
+    ls, lt = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1).mean()
+
+
+def _linear_distill_oracle(
+    student_hidden: Any, student_weight: Any, teacher_logits: Any = None
+) -> torch.Tensor:
+    return _distill_oracle(F.linear(student_hidden, student_weight), teacher_logits)
+
+
 @dataclass(frozen=True)
 class Entry:
     """A public function: xent's callable, its oracle, and one correct call.
@@ -172,6 +191,26 @@ TABLE: dict[str, Entry] = {
     "nn.LinearCrossEntropyLoss": Entry(
         *_module(xent.nn.LinearCrossEntropyLoss, 4, 5), dict(input=HIDDEN, target=TARGET)
     ),
+    # Post-training: log p(y) is minus the per-token cross-entropy; the divergence with the
+    # default β = 0 is kl_div's forward KL, summed over the vocabulary and averaged over tokens.
+    "log_probs": Entry(xent.log_probs, _log_probs_oracle, dict(logits=LOGITS, target=TARGET)),
+    "linear_log_probs": Entry(
+        xent.linear_log_probs,
+        _linear_log_probs_oracle,
+        dict(hidden=HIDDEN, weight=HEAD, target=TARGET),
+        dict(bias=PROBS[0]),
+    ),
+    "distill_divergence": Entry(
+        xent.distill_divergence,
+        _distill_oracle,
+        dict(student_logits=LOGITS, teacher_logits=PROBS),
+    ),
+    "linear_distill_divergence": Entry(
+        xent.linear_distill_divergence,
+        _linear_distill_oracle,
+        dict(student_hidden=HIDDEN, student_weight=HEAD),
+        dict(teacher_logits=PROBS),
+    ),
     # Vocabulary-parallel functions run in a one-rank gloo group (the ``group`` fixture below),
     # where the whole vocabulary is on the one rank and the single-process losses are the
     # oracle. Misuses are not derived for them (integer logits and non-tensor targets are not
@@ -262,6 +301,8 @@ DEVIATIONS: dict[str, dict[str, Any]] = {
             "nn.CrossEntropyLoss",
             "nn.NLLLoss",
             "nn.LinearCrossEntropyLoss",
+            "log_probs",
+            "linear_log_probs",
         )
     },
     # PyTorch returns a complex "loss" here; a complex target or weight has no meaning.
@@ -423,6 +464,8 @@ def _public_callables() -> dict[str, Any]:
         obj = getattr(xent, name)
         if inspect.ismodule(obj):
             public.update({f"{name}.{sub}": getattr(obj, sub) for sub in obj.__all__})
+        elif inspect.isclass(obj) and issubclass(obj, tuple):
+            continue  # a result type (xent.LogProbs), not a function
         elif callable(obj):
             public[name] = obj
     return public

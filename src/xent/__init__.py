@@ -13,23 +13,35 @@ from xent.classification import cross_entropy, nll_loss
 from xent.divergence import entropy, kl_div
 from xent.fused import linear_cross_entropy
 from xent.metrics import log_loss
+from xent.posttrain import (
+    LogProbs,
+    distill_divergence,
+    linear_distill_divergence,
+    linear_log_probs,
+    log_probs,
+)
 from xent.reference import linear_cross_entropy_reference
 from xent.regression import huber_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LogProbs",
     "__version__",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distill_divergence",
     "distributed",
     "entropy",
     "huber_loss",
     "kl_div",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "linear_distill_divergence",
+    "linear_log_probs",
     "log_loss",
+    "log_probs",
     "log_softmax",
     "logsumexp",
     "nll_loss",

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -170,7 +172,122 @@ def _lce_case(cfg: Config) -> Case:
     return Case({"x": x, "w": w, "target": target}, variants, ["x", "w"], moved, flops)
 
 
-CASES: dict[str, Callable[[Config], Case]] = {"ce": _ce_case, "lce": _lce_case}
+def _trl_kernels():
+    """TRL's chunked post-training functions (a peer; imported only when asked for).
+
+    ``ChunkedLogProbFunction`` is exported by ``trl.kernels``; ``ChunkedDivergenceFunction``
+    lives in TRL's module ``trl.kernels.chunked_divergence`` (used by its distillation trainer)
+    and is called here as that trainer calls it."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction, ChunkedDivergenceFunction
+
+
+def _head_inputs(cfg: Config, gen: torch.Generator, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = getattr(torch, cfg.dtype)
+    x = torch.randn(cfg.n, h, generator=gen).to(device=cfg.device, dtype=dtype)
+    w = (torch.randn(cfg.c, h, generator=gen) / h**0.5).to(device=cfg.device, dtype=dtype)
+    return x, w
+
+
+def _logprobs_case(cfg: Config) -> Case:
+    """A GRPO-style step: per-token log-probabilities and entropies of a sampled completion,
+    the policy-gradient loss ``-mean(A·log p) - 0.01·mean(H)`` (entropy in the loss)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, w = _head_inputs(cfg, gen, cfg.h)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    target = _targets(cfg, cfg.c, gen)
+    adv = torch.randn(cfg.n, generator=gen).to(cfg.device)
+    mask = (target != -100).float()
+    count = mask.sum().clamp(min=1)
+
+    def loss(lp, ent):
+        return -(adv * lp * mask).sum() / count - 0.01 * (ent * mask).sum() / count
+
+    def eager(inp):
+        log_p = F.log_softmax(F.linear(inp["x"], inp["w"]).float(), dim=-1)
+        lp = log_p.gather(-1, inp["target"].clamp(min=0)[:, None])[:, 0]
+        return loss(lp, -(log_p.exp() * log_p).sum(-1))
+
+    def ours(inp):
+        out = xent.linear_log_probs(inp["x"], inp["w"], inp["target"], return_entropy=True)
+        return loss(out.log_probs, out.entropy)
+
+    def trl(inp):
+        chunked, _ = _trl_kernels()
+        lp, ent, *_ = chunked.apply(
+            inp["x"], inp["w"], None, inp["target"].clamp(min=0), 1.0, 32768, None, 1.0,
+            ("entropy",),
+        )  # fmt: skip
+        return loss(lp, ent)
+
+    variants = {
+        "xent": ours,
+        "torch": eager,
+        "torch.compile": lambda inp: _compiled(eager)(inp),
+        "trl": trl,
+    }
+    # Forward logits, and backward's recomputed logits, ∂input and ∂weight.
+    flops = 8 * int(mask.sum()) * cfg.h * cfg.c
+    moved = 2 * (x.numel() + w.numel()) * x.element_size()
+    return Case({"x": x, "w": w, "target": target}, variants, ["x", "w"], moved, flops)
+
+
+def _distill_case(cfg: Config) -> Case:
+    """Distillation from hidden states: the generalised Jensen–Shannon divergence (β = 1/2)
+    between a student head and a teacher head of the same size, mean over tokens."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, w = _head_inputs(cfg, gen, cfg.h)
+    tx, tw = _head_inputs(cfg, gen, cfg.h)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    target = _targets(cfg, cfg.c, gen)
+    mask = (target != -100).float()
+    count = mask.sum().clamp(min=1)
+    beta = 0.5
+
+    def eager(inp):
+        ls = F.log_softmax(F.linear(inp["x"], inp["w"]).float(), dim=-1)
+        with torch.no_grad():
+            lt = F.log_softmax(F.linear(inp["tx"], inp["tw"]).float(), dim=-1)
+        lm = torch.logaddexp(ls + math.log(1 - beta), lt + math.log(beta))
+        per = beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+        return (per * mask).sum() / count
+
+    def ours(inp):
+        return xent.linear_distill_divergence(
+            inp["x"], inp["w"], inp["target"], teacher_hidden=inp["tx"], teacher_weight=inp["tw"],
+            beta=beta,
+        )  # fmt: skip
+
+    def trl(inp):
+        _, chunked = _trl_kernels()
+        per, _ = chunked.apply(
+            inp["x"], inp["w"], None, inp["tx"], inp["tw"], None, beta, 1.0, 1.0, None, 1.0, None
+        )
+        return (per * mask).sum() / count
+
+    variants = {
+        "xent": ours,
+        "torch": eager,
+        "torch.compile": lambda inp: _compiled(eager)(inp),
+        "trl": trl,
+    }
+    # Student and teacher logits, ∂input and ∂weight (xent's scalar loss needs no recompute).
+    flops = 8 * int(mask.sum()) * cfg.h * cfg.c
+    moved = 2 * (x.numel() + w.numel()) * x.element_size()
+    inputs = {"x": x, "w": w, "tx": tx, "tw": tw, "target": target}
+    return Case(inputs, variants, ["x", "w"], moved, flops)
+
+
+CASES: dict[str, Callable[[Config], Case]] = {
+    "ce": _ce_case,
+    "lce": _lce_case,
+    "logprobs": _logprobs_case,
+    "distill": _distill_case,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,14 +523,20 @@ def plot(rows: list[dict], path: str) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------
 
+# TRL's chunked functions join the post-training cases wherever TRL is installed.
+_TRL = ["trl"] if importlib.util.find_spec("trl") is not None else []
 DEFAULT_VARIANTS = {
     "ce": ["xent", "torch", "torch.compile"],
     "lce": ["xent", "torch", "torch.compile", "torch.chunked"],
+    "logprobs": ["xent", "torch", "torch.compile", *_TRL],
+    "distill": ["xent", "torch", "torch.compile", *_TRL],
 }
 # On CUDA the peers that only run there join, and xent's torch kernel is shown beside Triton's.
 CUDA_VARIANTS = {
     "ce": ["xent", "xent[torch]", "torch", "torch.compile", "liger"],
     "lce": ["xent", "torch", "torch.compile", "torch.chunked", "liger", "cce"],
+    "logprobs": ["xent", "torch", "torch.compile", *_TRL],
+    "distill": ["xent", "torch", "torch.compile", *_TRL],
 }
 
 
