@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import xent
-from xent import _logprob_rows, posttrain
-from xent._logprob_rows import DivergenceParams, LogProbParams, Transform
+from xent import posttrain
+from xent._engine import logprob_rows as _logprob_rows
+from xent._engine.options import DivergenceParams, LogProbParams, Transform
 
 # --------------------------------------------------------------------------------------------
 # Oracles: the logits in memory, torch's own softmax functions, float64

@@ -15,7 +15,7 @@ Every logit goes through the same transform first, in this order (scale, soft ca
 
 with ``a = logit_scale``, ``s = softcap`` and ``T = temperature`` (a number or one per row).
 Results are fp32 whatever the input dtype (fp64 for fp64 inputs). The closed-form gradients are
-derived in :mod:`xent._logprob_rows`.
+derived in :mod:`xent._engine.logprob_rows`.
 """
 
 from __future__ import annotations
@@ -26,16 +26,12 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from xent._engine.dispatch import logprob_backend as _rows
 from xent._engine.dispatch import resolve
+from xent._engine.logprob_rows import log_prob_grad_rows, log_prob_rows_parallel
+from xent._engine.options import DivergenceParams, LogProbParams, Transform
 from xent._engine.policy import grad_in_forward, refuse_double_backward
 from xent._engine.walker import fp32_out_gemms, linear_walk, mm_fp32, tokens_per_chunk
-from xent._logprob_rows import (
-    DivergenceParams,
-    LogProbParams,
-    Transform,
-    log_prob_grad_rows,
-    log_prob_rows_parallel,
-)
 from xent._numerics import compute_dtype, host_reads_cheap
 from xent._validation import check_tensor_args
 
@@ -162,17 +158,6 @@ def _check_head(
             f"{prefix}bias must have shape ({weight.shape[0]},) and dtype {hidden.dtype}, got "
             f"{tuple(bias.shape)} {bias.dtype}"
         )
-
-
-def _rows(impl: str):
-    """The row kernels of ``impl``: :mod:`xent._logprob_rows` or their Triton twins."""
-    if impl == "triton":
-        from xent import _triton_logprob  # Triton is imported on demand
-
-        return _triton_logprob
-    from xent import _logprob_rows
-
-    return _logprob_rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The one place that chooses a backend.
 
 ``IMPLS`` lists the implementations every public function accepts; :func:`resolve` turns the
-user's ``impl=`` into a backend for the tensors at hand, and :func:`row_pass` returns the
-one-pass cross-entropy kernel of that backend. The backends (:mod:`xent._engine.torch_rows`,
-:mod:`xent._engine.triton_rows`) import only the options type, never each other; Triton is
-imported the first time it is used.
+user's ``impl=`` into a backend for the tensors at hand; :func:`row_pass` returns the one-pass
+cross-entropy kernel of that backend and :func:`logprob_backend` its log-probability and
+divergence kernels; :func:`scale_unless_one_` applies an upstream gradient the backend's way.
+The backends (``torch_rows``, ``triton_rows``, ``logprob_rows``, ``triton_logprob``) import only
+the options types, never each other; Triton is imported the first time it is used.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -58,6 +60,18 @@ def row_pass(params: CEParams) -> Callable[..., tuple[torch.Tensor, torch.Tensor
     from xent._engine.torch_rows import cross_entropy_pass
 
     return cross_entropy_pass
+
+
+def logprob_backend(impl: str) -> ModuleType:
+    """The log-probability and divergence row kernels of ``impl``
+    (:mod:`xent._engine.logprob_rows` or :mod:`xent._engine.triton_logprob`: same functions)."""
+    if impl == "triton":
+        from xent._engine import triton_logprob
+
+        return triton_logprob
+    from xent._engine import logprob_rows
+
+    return logprob_rows
 
 
 def scale_unless_one_(grads: tuple[torch.Tensor | None, ...], g: torch.Tensor, impl: str) -> None:

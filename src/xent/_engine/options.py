@@ -57,3 +57,34 @@ class CEParams:
     def sliced(self) -> bool:
         """Whether the logits are a slice of the vocabulary (see the class docstring)."""
         return self.num_classes is not None
+
+
+@dataclass(frozen=True)
+class Transform:
+    """``u = s·tanh(a·x / s) / T`` with ``a = scale`` and ``s = softcap`` (no cap when None)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class LogProbParams:
+    """Options of one log-probability call."""
+
+    transform: Transform = Transform()
+    ignore_index: int = -100
+    entropy: bool = False
+    top1: bool = False
+    block_rows: int | None = None  # rows per block; None: logprob_rows.BLOCK_BYTES of fp32
+    impl: str = "torch"  # a resolved backend (xent._engine.dispatch)
+
+
+@dataclass(frozen=True)
+class DivergenceParams:
+    """Options of one divergence call: each model's transform and the mixture weight β."""
+
+    student: Transform = Transform()
+    teacher: Transform = Transform()
+    beta: float = 0.0
+    block_rows: int | None = None
+    impl: str = "torch"

@@ -35,10 +35,10 @@ the mixture ``m = (1 - β) p + β q`` and ``0·log 0 = 0``:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from xent._engine.options import DivergenceParams, LogProbParams, Transform
 from xent._numerics import compute_dtype, host_reads_cheap
 
 # Bytes of fp32 per scratch buffer when the caller gives no block size. Each block costs ~8 torch
@@ -53,37 +53,6 @@ LN2 = 0.6931471805599453
 # exp(-1e4) is exactly 0 in fp32 and fp64: log-probabilities clamped here give the same
 # probabilities, and products p·log p stay 0·(finite) = 0 instead of 0·(-inf) = NaN.
 LOG_FLOOR = -1.0e4
-
-
-@dataclass(frozen=True)
-class Transform:
-    """``u = s·tanh(a·x / s) / T`` with ``a = scale`` and ``s = softcap`` (no cap when None)."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-
-@dataclass(frozen=True)
-class LogProbParams:
-    """Options of one log-probability call."""
-
-    transform: Transform = Transform()
-    ignore_index: int = -100
-    entropy: bool = False
-    top1: bool = False
-    block_rows: int | None = None  # rows per block; None: BLOCK_BYTES of fp32
-    impl: str = "torch"  # "torch" (this module) or "triton" (xent._triton_logprob)
-
-
-@dataclass(frozen=True)
-class DivergenceParams:
-    """Options of one divergence call: each model's transform and the mixture weight β."""
-
-    student: Transform = Transform()
-    teacher: Transform = Transform()
-    beta: float = 0.0
-    block_rows: int | None = None
-    impl: str = "torch"
 
 
 def _rows_per_block(block_rows: int | None, vocab: int, buffers_per_block: int = 1) -> int:

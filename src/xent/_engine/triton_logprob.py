@@ -1,9 +1,10 @@
 """Triton row kernels of the post-training quantities: one program per row of logits.
 
-Same contract as :mod:`xent._logprob_rows` (same functions, arguments and results), so a caller
-switches backends by choosing the module. Imported only for ``impl="triton"``; with
+Same contract as :mod:`xent._engine.logprob_rows` (same functions, arguments and results), so
+the dispatcher (:func:`xent._engine.dispatch.logprob_backend`) switches backends by choosing the
+module. Imported only for ``impl="triton"``; with
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (how they are tested without a GPU). The
-transform and the algebra are derived in :mod:`xent._logprob_rows`.
+transform and the algebra are derived in :mod:`xent._engine.logprob_rows`.
 
 * Log-probabilities: one pass over the row keeps an *online* log-sum-exp (``s ← s·e^{m_old -
   m_new} + Σ e^{u - m_new}``), the entropy's ``w = Σ e^{u - m} (u - m)`` moved to each new max
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xent._logprob_rows import DivergenceParams, LogProbParams
+from xent._engine.options import DivergenceParams, LogProbParams
 
 # Columns per block (the whole row up to this size) and the warps to run it: the cross-entropy
 # kernel's table (4096 fp32 columns stay in registers across 8 warps on Hopper-class GPUs).
@@ -359,7 +360,7 @@ def log_prob_rows(
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """:func:`xent._logprob_rows.log_prob_rows` on Triton: same arguments, same results."""
+    """:func:`xent._engine.logprob_rows.log_prob_rows` on Triton: same arguments, same results."""
     n, vocab = x.shape
     acc, tl_acc = _acc(x)
     x = _dense(x)
@@ -405,7 +406,7 @@ def log_prob_grad_rows(
     coef_ent: torch.Tensor | None,
     grad_out: torch.Tensor,
 ) -> None:
-    """:func:`xent._logprob_rows.log_prob_grad_rows` on Triton."""
+    """:func:`xent._engine.logprob_rows.log_prob_grad_rows` on Triton."""
     n, vocab = x.shape
     acc, tl_acc = _acc(x)
     x = _dense(x)
@@ -448,7 +449,7 @@ def divergence_rows(
     coef: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`xent._logprob_rows.divergence_rows` on Triton."""
+    """:func:`xent._engine.logprob_rows.divergence_rows` on Triton."""
     n, vocab = xs.shape
     acc, tl_acc = _acc(xs)
     xs, xt = _dense(xs), _dense(xt)
