@@ -225,7 +225,7 @@ def test_bf16_model_gets_float32_loss():
 
 def test_unsupported_class_is_refused_with_the_supported_list():
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
-    with pytest.raises(TypeError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Olmo2ForCausalLM"):
+    with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*LlamaForCausalLM.*Olmo2ForCausalLM"):
         xent.hf.patch(transformers.GPT2LMHeadModel(config))
 
     class Custom(transformers.LlamaForCausalLM):
@@ -247,7 +247,7 @@ def test_patch_option_errors():
         xent.hf.patch(model, when="sometimes")
     with pytest.raises(ValueError, match="'cuda'"):
         xent.hf.patch(model, impl="cuda")
-    with pytest.raises(ValueError, match="1.5"):
+    with pytest.raises(ValueError, match=r"1\.5"):
         xent.hf.patch(model, label_smoothing=1.5)
     assert not xent.hf.is_patched(model)
     with pytest.raises(ValueError, match="not patched"):
