@@ -1,4 +1,4 @@
-"""xent.hf under transformers' Trainer: gradient accumulation and evaluation as with the stock model."""
+"""xent.hf under transformers' Trainer: accumulation and evaluation as with the stock model."""
 
 from __future__ import annotations
 
