@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,8 +45,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--output-dir", default="hf_finetune_out")
+    parser.add_argument("--output-dir", help="the Trainer's directory (default: a temporary one)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="xent-hf-") as tmp:
+        finetune(args, args.output_dir or tmp)
+
+
+def finetune(args: argparse.Namespace, output_dir: str) -> None:
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -63,7 +69,7 @@ def main() -> None:
     xent.hf.patch(model)  # before the Trainer: it wraps the forward it finds
 
     training = transformers.TrainingArguments(
-        output_dir=args.output_dir,
+        output_dir=output_dir,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=2,  # the Trainer passes num_items_in_batch: exact means
         max_steps=args.steps,

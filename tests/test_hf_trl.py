@@ -112,3 +112,39 @@ def test_sft_options_that_trl_would_drop_are_refused(tmp_path):
     xent.hf.patch(trainer.model, label_smoothing=0.1)
     with pytest.raises(ValueError, match="label_smoothing and z_loss"):
         trainer.train()
+
+
+@pytest.mark.parametrize("name", ["Qwen3ForCausalLM", "CohereForCausalLM", "Gemma2ForCausalLM"])
+def test_fused_head_protocol_with_temperature(name):
+    """GRPO/DPO-style calls: TRL's head at temperature T against xent's answer to it."""
+    from hf_models import batch
+    from trl.trainer.utils import add_fused_lm_head
+
+    stock = build(name, torch.float32)
+    patched = copy.deepcopy(stock)
+    temperature = 1.0 if name.startswith("Gemma") else 0.7
+    for model in (stock, patched):
+        add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
+    xent.hf.patch(patched)
+    inputs = batch()
+    ref = stock(**inputs, fused_lm_head=True)
+    out = patched(**inputs, fused_lm_head=True)
+    assert out.is_top1 is None and out.log_probs.shape == ref.log_probs.shape == (2, 10)
+    torch.testing.assert_close(out.log_probs, ref.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy, ref.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    (ref.log_probs * torch.linspace(0, 1, 10)).sum().backward()
+    (out.log_probs * torch.linspace(0, 1, 10)).sum().backward()
+    for (n, p), q in zip(stock.named_parameters(), patched.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_head_soft_cap_with_temperature_is_refused():
+    from hf_models import batch
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = build("Gemma2ForCausalLM", torch.float32)
+    add_fused_lm_head(model, temperature=0.7)
+    xent.hf.patch(model)
+    with pytest.raises(NotImplementedError, match=r"temperature \(0\.7\)"):
+        model(**batch(), fused_lm_head=True)

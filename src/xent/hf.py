@@ -86,11 +86,15 @@ def _through_module(module: nn.Module, fn: Callable[..., Any], *args: Any) -> An
     post-hook and arranges the gradients' reduce-scatter around the autograd graph of that
     call; running the loss as the head's forward lets FSDP do all of that unchanged.
     """
+    own = module.__dict__.get("forward")  # an instance-level forward someone else installed
     module.forward = fn
     try:
         return module(*args)
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _normalizer(num_items_in_batch: Any, device: torch.device) -> torch.Tensor | None:
@@ -553,8 +557,8 @@ def _entropy_top1(
     """
     rows = x.shape[0]
     step = chunk_size or max(1, (48 << 20) // (4 * max(w.shape[0], 1)))
-    entropy = torch.empty(rows, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    entropy = entropy.to(x.device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    entropy = torch.empty(rows, dtype=dtype, device=x.device)
     top1 = torch.empty(rows, dtype=torch.bool, device=x.device)
     for r in range(0, rows, step):
         z = x[r : r + step].to(entropy.dtype) @ w.to(entropy.dtype).t()
