@@ -223,6 +223,23 @@ def test_bf16_model_gets_float32_loss():
     assert patched.model.layers[0].self_attn.q_proj.weight.grad.dtype == torch.bfloat16
 
 
+def test_under_autocast_the_loss_runs_in_the_head_dtype():
+    stock, patched = _pair("PhiForCausalLM", torch.float32)
+    exact = stock(**batch()).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = patched(**batch())
+        hidden = patched.model(input_ids=batch()["input_ids"]).last_hidden_state.to(torch.bfloat16)
+        mixed = xent.hf.causal_lm_loss(hidden, patched.lm_head, batch()["labels"])
+    assert out.loss.dtype == torch.float32 == mixed.dtype
+    torch.testing.assert_close(out.loss, exact, rtol=2e-2, atol=0)  # the backbone ran in bf16
+    torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0)
+    # The other way round: float32 hidden states, a bfloat16 head.
+    head = copy.deepcopy(patched.lm_head).to(torch.bfloat16)
+    wide = xent.hf.causal_lm_loss(hidden.float(), head, batch()["labels"])
+    assert wide.dtype == torch.float32
+    torch.testing.assert_close(wide, exact, rtol=2e-2, atol=0)
+
+
 def test_unsupported_class_is_refused_with_the_supported_list():
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
     with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*LlamaForCausalLM.*Olmo2ForCausalLM"):

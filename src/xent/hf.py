@@ -119,9 +119,13 @@ def _prepare(
     ``logits.float()`` returns it; the gradients flow back to the half-precision tensors.
     """
     x = hidden_states
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x, weight = x.float(), weight.float()
-        bias = None if bias is None else bias.float()
+    # Hidden states and weight may differ in dtype (a float32 head after a backbone that ran
+    # under autocast); both then take the wider one, and half precision becomes float32.
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     if logit_scale != 1.0:
         x = x * logit_scale
         bias = None if bias is None else bias * logit_scale
