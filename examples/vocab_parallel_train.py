@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 import xent
-from xent import demo
 from xent.distributed import vocab_parallel_linear_cross_entropy
+from xent.tools import demo
 
 
 def main() -> None:

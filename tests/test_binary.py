@@ -420,7 +420,9 @@ def test_argument_errors(fn):
         fn(x, x, weight=torch.rand(2, 3, 4))
     with pytest.raises(TypeError, match=r"input must have a floating dtype, got torch\.int64"):
         fn(torch.ones(3, 4, dtype=torch.long), x)
-    with pytest.raises(TypeError, match=r"target must be a torch\.Tensor, got list"):
+    with pytest.raises(
+        TypeError, match=r"argument 'target' \(position 2\) must be Tensor, not list"
+    ):
         fn(x, [0.5] * 4)
 
 

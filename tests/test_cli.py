@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import xent
-from xent import bench
-from xent.cli import build_parser
+from xent.tools import bench
+from xent.tools.cli import build_parser
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import sys
 
 import matplotlib.image
 
-from xent import demo
+from xent.tools import demo
 
 
 def test_corpus_is_the_standard_library():

@@ -16,10 +16,33 @@ from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear
 
 N, H, V = 23, 6, 31
 SPLITS = {2: [13, 18], 3: [7, 15, 9]}  # uneven slices of the 31 classes
-OPTIONS = [
-    dict(reduction=r, label_smoothing=e, z_loss=z, ignore_index=i)
-    for r, e, z, i in itertools.product(["mean", "sum", "none"], [0.0, 0.2], [0.0, 0.01], [-100, 4])
-]
+OPTIONS = (
+    [
+        dict(reduction=r, label_smoothing=e, z_loss=z, ignore_index=i)
+        for r, e, z, i in itertools.product(
+            ["mean", "sum", "none"], [0.0, 0.2], [0.0, 0.01], [-100, 4]
+        )
+    ]
+    + [
+        # Class weights over the global vocabulary and soft-capping, with every other option.
+        dict(reduction=r, label_smoothing=0.1, z_loss=0.01, softcap=2.5, weighted=True)
+        for r in ("mean", "sum", "none")
+    ]
+    + [dict(reduction="mean", softcap=4.0), dict(reduction="sum", weighted=True, ignore_index=4)]
+)
+
+
+def _class_weight() -> torch.Tensor:
+    return torch.rand(V, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.2
+
+
+def _options(opts: dict) -> dict:
+    """The keyword arguments of one option set (``weighted`` becomes the class weights)."""
+    opts = dict(opts)
+    opts.setdefault("ignore_index", -100)
+    if opts.pop("weighted", False):
+        opts["weight"] = _class_weight()
+    return opts
 
 
 def _problem():
@@ -48,12 +71,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     start = sum(sizes[:rank])
     rows = slice(start, start + sizes[rank])
     results = []
-    for opts in OPTIONS:
+    for opts in map(_options, OPTIONS):
         upstream = up if opts["reduction"] == "none" else torch.tensor(0.7, dtype=torch.float64)
         t = _target_for(t_base, opts)
         logits = (x @ w.t() + b)[:, rows].clone().requires_grad_()
         loss = vocab_parallel_cross_entropy(logits, t, **opts)
-        (g_logits,) = torch.autograd.grad(loss, logits, upstream)
+        (g_logits,) = torch.autograd.grad(loss, logits, upstream, retain_graph=True)
+        # A second backward through the retained graph forms the same gradient again.
+        (g_again,) = torch.autograd.grad(loss, logits, upstream)
+        assert torch.equal(g_again, g_logits)
         xi = x.clone().requires_grad_()
         wi = w[rows].clone().requires_grad_()
         bi = b[rows].clone().requires_grad_()
@@ -81,7 +107,7 @@ def test_vocab_parallel_matches_single_process(world, tmp_path):
     x, w, b, t_base, up = _problem()
     sizes = SPLITS[world]
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for k, opts in enumerate(OPTIONS):
+    for k, opts in enumerate(map(_options, OPTIONS)):
         upstream = up if opts["reduction"] == "none" else torch.tensor(0.7, dtype=torch.float64)
         t = _target_for(t_base, opts)
         logits = (x @ w.t() + b).requires_grad_()
@@ -105,12 +131,26 @@ def _error_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     messages = []
+    # The layout is gathered and checked the first time a group sees a slice size, so the
+    # misplaced slices come first, before a good call has stored this group's layout.
     for call in (
-        lambda: vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 9, 1])),
         lambda: vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1])),
         lambda: vocab_parallel_cross_entropy(
             torch.randn(3, 4), torch.tensor([0, 1, 2]), vocab_start=7
         ),
+        # Both ranks claim classes [0, 4): overlapping slices, detected on every rank.
+        lambda: vocab_parallel_cross_entropy(
+            torch.randn(3, 4), torch.tensor([0, 1, 2]), vocab_start=0
+        ),
+        # Rank 1 holds no class at all.
+        lambda: vocab_parallel_cross_entropy(
+            torch.randn(3, 4 if rank == 0 else 0), torch.tensor([0, 1, 2])
+        ),
+        # Slices out of rank order: rank 0 holds [4, 8), rank 1 [0, 4).
+        lambda: vocab_parallel_linear_cross_entropy(
+            torch.randn(3, 5), torch.randn(4, 5), torch.tensor([0, 1, 2]), vocab_start=4 - 4 * rank
+        ),
+        lambda: vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 9, 1])),
     ):
         try:
             call()
@@ -136,10 +176,74 @@ def _error_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_errors_name_the_offending_values(tmp_path):
     mp.spawn(_error_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     messages = torch.load(tmp_path / "err0.pt")
-    assert messages[0] == "IndexError: Target 9 is out of bounds."
-    assert messages[1].startswith("ValueError: target must have shape (3,), got (2,)")
-    assert messages[2].startswith("ValueError: vocab_start=7 does not fit a slice of 4 classes")
-    assert messages[3] == [True, True, True, True, True]
+    assert messages[0].startswith("ValueError: target must have shape (3,), got (2,)")
+    layout = "ValueError: vocabulary-parallel layout: "
+    assert messages[1].startswith(layout + "rank 0's slice [7, 11) leaves a gap before it")
+    assert messages[2].startswith(layout + "rank 1's slice [0, 4) overlaps the slice before it")
+    assert messages[3].startswith(layout + "rank 1 holds an empty slice")
+    assert messages[4].startswith(layout + "rank 0's slice [4, 8) leaves a gap before it")
+    assert messages[5] == "IndexError: Target 9 is out of bounds."
+    assert messages[6] == [True, True, True, True, True]
+    # Every rank raises the same error (none of them hangs in a collective or computes on).
+    assert torch.load(tmp_path / "err1.pt")[:6] == messages[:6]
+
+
+def _dtensor_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    x, w, b, t_base, up = _problem()
+    results = []
+    for opts in map(_options, OPTIONS[-5:]):  # weights, softcap, smoothing, z-loss
+        upstream = up if opts["reduction"] == "none" else torch.tensor(0.7, dtype=torch.float64)
+        t = _target_for(t_base, opts)
+        # A head sharded along the vocabulary (as ColwiseParallel shards it): uneven shards.
+        w_dt = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+        b_dt = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+        xi = x.clone().requires_grad_()
+        loss = xent.linear_cross_entropy(xi, w_dt, t, linear_bias=b_dt, chunk_size=6, **opts)
+        g_x, g_w, g_b = torch.autograd.grad(loss, (xi, w_dt, b_dt), upstream)
+        # Logits sharded along the classes, and a replicated DTensor (a local tensor to xent).
+        logits = x @ w.t() + b
+        z_dt = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+        loss_z = xent.cross_entropy(z_dt, t, **opts)
+        (g_z,) = torch.autograd.grad(loss_z, z_dt, upstream)
+        z_rep = distribute_tensor(logits, mesh, [Replicate()]).requires_grad_()
+        loss_rep = xent.cross_entropy(z_rep, t, **opts)
+        results.append(
+            [v.detach() for v in (loss, loss_z, loss_rep)]
+            + [g_x, g_w.full_tensor(), g_b.full_tensor(), g_z.full_tensor()]
+        )
+    torch.save(results, os.path.join(out_dir, f"dt{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_heads_and_logits_take_the_vocab_parallel_path(world, tmp_path):
+    mp.spawn(_dtensor_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    x, w, b, t_base, up = _problem()
+    for r in range(world):
+        for k, opts in enumerate(map(_options, OPTIONS[-5:])):
+            upstream = up if opts["reduction"] == "none" else torch.tensor(0.7, dtype=torch.float64)
+            t = _target_for(t_base, opts)
+            xr, wr, br = (p.clone().requires_grad_() for p in (x, w, b))
+            ref = xent.linear_cross_entropy(xr, wr, t, linear_bias=br, **opts)
+            grads = torch.autograd.grad(ref, (xr, wr, br), upstream)
+            logits = (x @ w.t() + b).requires_grad_()
+            ref_z = xent.cross_entropy(logits, t, **opts)
+            (g_ref_z,) = torch.autograd.grad(ref_z, logits, upstream)
+            loss, loss_z, loss_rep, *ours = torch.load(tmp_path / f"dt{r}.pt")[k]
+            for a, e in zip(
+                (loss, loss_z, loss_rep, *ours),
+                (ref, ref_z, ref_z, *grads, g_ref_z),
+                strict=True,
+            ):
+                torch.testing.assert_close(a, e.detach(), atol=1e-12, rtol=1e-12)
 
 
 def test_torchrun_example_trains_and_agrees_with_single_process():

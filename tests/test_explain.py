@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import xent
-from xent import explain, plots
+from xent.tools import explain, plots
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

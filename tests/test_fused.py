@@ -326,10 +326,11 @@ def _emulated_mm_fp32(a, b, out, *, bias=None, accumulate=False):
 def test_bf16_tensor_core_path_within_torchs_own_error(monkeypatch, drop_ignored):
     # The CUDA bf16 path (fp32 logits from bf16 products, the kernel writing ∂L/∂z in bf16, dX,
     # dW, db from bf16 operands into fp32), with the product emulated, on the CPU.
-    fused = pytest.importorskip("xent.fused")
-    monkeypatch.setattr(fused, "_fp32_out_gemms", lambda x: x.dtype == torch.bfloat16)
-    monkeypatch.setattr(fused, "_mm_fp32", _emulated_mm_fp32)
-    monkeypatch.setattr(fused, "_drop_ignored", lambda t: drop_ignored)
+    from xent._engine import policy, walker
+
+    monkeypatch.setattr(walker, "fp32_out_gemms", lambda x: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(walker, "mm_fp32", _emulated_mm_fp32)
+    monkeypatch.setattr(policy, "drop_ignored", lambda t: drop_ignored)
     x64, w64, b64, t = _problem(n=67, h=32, v=203, seed=6)
     x, w, b = (p.detach().to(torch.bfloat16).requires_grad_() for p in (x64, w64, b64))
     for reduction in ("mean", "none"):
@@ -355,8 +356,9 @@ def test_bf16_tensor_core_path_within_torchs_own_error(monkeypatch, drop_ignored
 
 def test_every_token_computed_when_ignored_ones_are_kept(monkeypatch):
     # While a CUDA graph is captured, ignored tokens go through the products with weight 0.
-    fused = pytest.importorskip("xent.fused")
-    monkeypatch.setattr(fused, "_drop_ignored", lambda t: False)
+    from xent._engine import policy
+
+    monkeypatch.setattr(policy, "drop_ignored", lambda t: False)
     x, w, b, t = _problem(seed=7)
     tw = torch.rand(t.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     for reduction in ("mean", "sum", "none"):
@@ -386,17 +388,18 @@ def test_every_token_computed_when_ignored_ones_are_kept(monkeypatch):
 def test_fp32_out_products_are_well_formed(monkeypatch, fp32_accumulate):
     # torch.mm/addmm with out_dtype exist on CUDA only; their meta versions check the arguments
     # (dtypes, shapes, out=) that xent passes, including the blockwise fallback's.
-    fused = pytest.importorskip("xent.fused")
-    if not fused._HAS_OUT_DTYPE:
+    from xent._engine import walker
+
+    if not walker._HAS_OUT_DTYPE:
         pytest.skip("this torch has no out_dtype products")
-    monkeypatch.setattr(fused, "_FP32_ACCUMULATE", [fp32_accumulate])
+    monkeypatch.setattr(walker, "_FP32_ACCUMULATE", [fp32_accumulate])
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(shape, dtype=dtype, device="meta")
 
     out = meta(8, 5, dtype=torch.float32)
-    assert fused._mm_fp32(meta(8, 3), meta(3, 5), out) is out
-    assert fused._mm_fp32(meta(8, 3), meta(3, 5), out, bias=meta(5)) is out
+    assert walker.mm_fp32(meta(8, 3), meta(3, 5), out) is out
+    assert walker.mm_fp32(meta(8, 3), meta(3, 5), out, bias=meta(5)) is out
     acc = meta(9000, 5000, dtype=torch.float32)  # several fallback row blocks
-    res = fused._mm_fp32(meta(5000, 9000).t(), meta(5000, 5000), acc, accumulate=True)
+    res = walker.mm_fp32(meta(5000, 9000).t(), meta(5000, 5000), acc, accumulate=True)
     assert res is acc and res.dtype == torch.float32

@@ -200,7 +200,9 @@ def test_huber_argument_errors():
         huber_loss(x, torch.zeros(5))
     with pytest.raises(TypeError, match=r"input must have a floating dtype, got torch\.int64"):
         huber_loss(torch.zeros(3, dtype=torch.long), torch.zeros(3))
-    with pytest.raises(TypeError, match=r"target must be a torch\.Tensor, got list"):
+    with pytest.raises(
+        TypeError, match=r"argument 'target' \(position 2\) must be Tensor, not list"
+    ):
         huber_loss(torch.zeros(3), [0.0, 0.0, 0.0])
 
 

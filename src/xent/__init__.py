@@ -6,13 +6,14 @@ gradients. ``xent.nn`` holds the module wrappers; ``xent.linear_cross_entropy`` 
 layer with its cross-entropy without storing the logits.
 """
 
-from xent import distributed, nn
+from xent import distributed, nn, reference
 from xent.activation import log_softmax, logsumexp, softmax
 from xent.binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from xent.classification import cross_entropy, nll_loss
 from xent.divergence import entropy, kl_div
-from xent.fused import linear_cross_entropy, linear_cross_entropy_reference
+from xent.fused import linear_cross_entropy
 from xent.metrics import log_loss
+from xent.reference import linear_cross_entropy_reference
 from xent.regression import huber_loss
 
 __version__ = "0.1.0"
@@ -33,5 +34,6 @@ __all__ = [
     "logsumexp",
     "nll_loss",
     "nn",
+    "reference",
     "softmax",
 ]

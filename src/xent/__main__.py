@@ -2,6 +2,6 @@
 
 import sys
 
-from xent.cli import main
+from xent.tools.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Shared argument checks and the one reduction helper every loss uses.
+"""Shared argument checks: every public function validates its arguments here, first.
 
 Every check raises the exception type PyTorch raises for the same mistake, with the offending value
 in the message, before any arithmetic happens.
@@ -7,9 +7,13 @@ in the message, before any arithmetic happens.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
+import numpy as np
 import torch
+
+from xent._numerics import host_reads_cheap
 
 Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
@@ -36,11 +40,12 @@ def check_label_smoothing(label_smoothing: float) -> float:
 
 
 def check_floating(name: str, tensor: torch.Tensor) -> None:
-    """Raise ``TypeError`` unless ``tensor`` has a floating dtype."""
+    """Raise :class:`DtypeError` unless ``tensor`` has a floating dtype (``TypeError`` for a
+    non-tensor)."""
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        raise NotATensorError(f"{name} must be a torch.Tensor, got {_type_name(tensor)}")
     if not tensor.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+        raise DtypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
 
 
 def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -62,29 +67,313 @@ def check_broadcastable(function: str, input: torch.Tensor, target: torch.Tensor
         ) from None
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype arithmetic runs in: fp64 stays fp64, everything else (fp16, bf16, fp32) is fp32.
+def check_logits(input: torch.Tensor) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() == 0:
+        raise ValueError(
+            "input must have a class dimension: expected (C), (N, C) or "
+            "(N, C, d1, ..., dK), got a 0-d tensor"
+        )
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating dtype, got {input.dtype}")
 
-    Half-precision sums over many rows lose all precision or overflow, so they are never
-    accumulated in their own dtype.
+
+def check_class_weight(weight: torch.Tensor | None, num_classes: int) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {num_classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "class weights are not differentiable in xent (nor in PyTorch); "
+            "pass weight.detach() instead of a tensor that requires grad"
+        )
+
+
+def check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    """Shape, dtype and range of a class-index target; raises before any arithmetic."""
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(
+                f"for an input of shape {tuple(input.shape)} the class-index target must be 0-d, "
+                f"got shape {tuple(target.shape)}"
+            )
+    else:
+        if target.dim() == 0 or target.shape[0] != input.shape[0]:
+            n_target = target.shape[0] if target.dim() else "a 0-d target"
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({n_target})."
+            )
+        expected = (input.shape[0], *input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise RuntimeError(
+                f"Expected target size {list(expected)}, got {list(target.shape)} "
+                f"(input shape {list(input.shape)})"
+            )
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """``IndexError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``."""
+    target = target.long()  # compare in int64 whatever the integer dtype (no wrap-around)
+    invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if host_reads_cheap(target):
+        if bool(invalid.any()):
+            bad = target[invalid].flatten()[0].item()
+            raise IndexError(f"Target {bad} is out of bounds.")
+    else:
+        # No host sync on accelerators: the check runs on the device and fails the stream.
+        torch._assert_async(~invalid.any(), "xent: a class-index target is out of bounds")
+
+
+def check_prob_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got {target.dtype}"
+        )
+    if ignore_index >= 0:
+        raise RuntimeError(
+            f"ignore_index={ignore_index} is not supported for probability targets "
+            "(a floating target with the input's shape)"
+        )
+
+
+def check_z_loss(z_loss: float) -> float:
+    value = float(z_loss)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return value
+
+
+def check_softcap(softcap: float | None) -> float | None:
+    if softcap is None:
+        return None
+    value = float(softcap)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return value
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(
+            f"chunk_size must be None or a positive number of rows, got {chunk_size!r}"
+        )
+    return None if chunk_size is None else int(chunk_size)
+
+
+def check_linear_args(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+) -> None:
+    if not input.is_floating_point() or input.dim() == 0:
+        raise TypeError(
+            f"input must be a floating tensor of shape (..., H), got {input.dtype} "
+            f"of shape {tuple(input.shape)}"
+        )
+    hidden = input.shape[-1]
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
+        raise ValueError(
+            f"linear_weight must have shape (V, H) with H = {hidden} (the input's last "
+            f"dimension), got {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"input and linear_weight must have the same dtype, got {input.dtype} and "
+            f"{linear_weight.dtype}"
+        )
+    vocab = linear_weight.shape[0]
+    if linear_bias is not None and linear_bias.dtype != input.dtype:
+        raise RuntimeError(
+            f"input and linear_bias must have the same dtype, got {input.dtype} and "
+            f"{linear_bias.dtype}"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (vocab,):
+        raise ValueError(f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target must have the input's shape without its last dimension, "
+            f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
+    if token_weight is not None and tuple(token_weight.shape) != tuple(target.shape):
+        raise ValueError(
+            f"token_weight must have the target's shape {tuple(target.shape)}, "
+            f"got {tuple(token_weight.shape)}"
+        )
+
+
+def check_normalizer(
+    normalizer: torch.Tensor | float | None, reduction: str
+) -> torch.Tensor | float | None:
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"normalizer replaces the denominator of reduction='mean'; it cannot be used with "
+            f"reduction={reduction!r}"
+        )
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer must be a number or a one-element tensor, got shape "
+                f"{tuple(normalizer.shape)}"
+            )
+        return normalizer.reshape(())  # no host sync: its value is used on its device
+    value = float(normalizer)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Misuse: non-tensor arguments and integer, boolean or complex dtypes
+# --------------------------------------------------------------------------------------------
+
+
+class NotATensorError(TypeError, AttributeError):
+    """A list, array or number where a tensor belongs.
+
+    PyTorch raises ``TypeError`` from its compiled bindings (``argument 'target' (position 2)
+    must be Tensor, not list``) but ``AttributeError`` from its Python-level functions
+    (``'list' object has no attribute 'size'``); this is both, so code written against either
+    keeps catching it.
     """
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply ``"none"`` / ``"mean"`` / ``"sum"`` to an elementwise loss (mean of nothing is NaN)."""
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.mean()
+class DtypeError(NotImplementedError, TypeError):
+    """An integer, boolean or complex tensor where a floating one belongs.
 
-
-def host_reads_cheap(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values on the host costs nothing: true on the CPU.
-
-    On an accelerator such a read (``.item()``, ``bool(t)``, ``nonzero``) waits for the device
-    to drain its queue and cannot be captured in a CUDA graph, so callers take a device-side
-    path there instead (an asynchronous assert, an unconditional multiply).
+    PyTorch raises ``NotImplementedError`` (a ``RuntimeError``) from its kernels or a plain
+    ``RuntimeError`` from its dtype checks; xent raised ``TypeError``. This is all three.
     """
-    return t.device.type == "cpu"
+
+
+class ComplexDataError(ValueError, TypeError):
+    """Complex values given to ``log_loss``: scikit-learn raises ``ValueError``, xent raised
+    ``TypeError``; this is both."""
+
+
+def _type_name(value: object) -> str:
+    """``list``, ``float``, ``numpy.ndarray``: a type's name as PyTorch prints it."""
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def check_tensor(
+    name: str, value: object, position: int | None, function: str, *, optional: bool = False
+) -> None:
+    """Raise :class:`NotATensorError` in PyTorch's words unless ``value`` is a tensor.
+
+    ``position`` is the 1-based place of the argument in the signature (``None`` for a
+    keyword-only one); ``optional`` lets ``None`` pass. The message reads like PyTorch's:
+    ``cross_entropy(): argument 'target' (position 2) must be Tensor, not list``.
+    """
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return
+    where = "" if position is None else f" (position {position})"
+    raise NotATensorError(
+        f"{function}(): argument '{name}'{where} must be Tensor, not {_type_name(value)}"
+    )
+
+
+def _slot(function: Callable[..., Any], name: str) -> tuple[int | None, bool]:
+    """Parameter ``name`` of ``function``: its 1-based position (``None`` if keyword-only) and
+    whether its default is ``None``. Read off the code object, which ``torch.compile`` traces."""
+    code = function.__code__
+    index = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount].index(name)
+    if index < code.co_argcount:
+        defaults = function.__defaults__ or ()
+        first = code.co_argcount - len(defaults)
+        return index + 1, index >= first and defaults[index - first] is None
+    kwdefaults = function.__kwdefaults__ or {}
+    return None, name in kwdefaults and kwdefaults[name] is None
+
+
+def check_tensor_args(
+    function: Callable[..., Any],
+    *,
+    floating: tuple[str, ...] = (),
+    real: tuple[str, ...] = (),
+    **args: object,
+) -> None:
+    """Check a public function's tensor arguments before anything reads them.
+
+    Each keyword in ``args`` must be a tensor (:func:`check_tensor`; its position, and whether
+    ``None`` may stand for it, are read off ``function``'s signature). Those named in
+    ``floating`` must have a floating dtype and those in ``real`` must not be complex (PyTorch
+    promotes integer and boolean per-element weights), else :class:`DtypeError` naming the
+    argument and its dtype.
+    """
+    for name, value in args.items():
+        if not isinstance(value, torch.Tensor):  # the signature is read only off this path
+            position, optional = _slot(function, name)
+            check_tensor(name, value, position, function.__name__, optional=optional)
+    for name in floating:
+        value = args[name]
+        if value is not None and not value.is_floating_point():
+            raise DtypeError(
+                f"{function.__name__}(): {name} must have a floating dtype, got {value.dtype}"
+            )
+    for name in real:
+        value = args[name]
+        if value is not None and value.is_complex():
+            raise DtypeError(
+                f"{function.__name__}(): {name} must be real (floating, integer or boolean), "
+                f"got {value.dtype}"
+            )
+
+
+def floating_or_default(
+    name: str, value: torch.Tensor, function: Callable[..., Any]
+) -> torch.Tensor:
+    """``value`` as a floating tensor: integers and booleans become the default dtype (as
+    PyTorch promotes them in ``xlogy`` or ``logsumexp``); complex raises :class:`DtypeError`."""
+    check_tensor_args(function, **{name: value})
+    if value.is_complex():
+        raise DtypeError(f"{function.__name__}(): {name} must be real, got {value.dtype}")
+    return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+
+
+def as_index_target(name: str, target: torch.Tensor, function: Callable[..., Any]) -> torch.Tensor:
+    """A class-index ``target`` as int64, or :class:`DtypeError` for a floating, boolean or
+    complex one (PyTorch: ``RuntimeError``). int64 so that a uint8 target is never read as a
+    mask, nor compared with a negative ``ignore_index`` after wrapping around."""
+    check_tensor_args(function, **{name: target})
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise DtypeError(
+            f"{function.__name__}(): {name} must hold class indices of an integer dtype, "
+            f"got {target.dtype}"
+        )
+    return target.long()
+
+
+def check_real_array(name: str, value: object) -> None:
+    """Raise :class:`ComplexDataError` if the array-like ``value`` holds complex numbers.
+
+    Ragged or non-numeric array-likes pass here and are judged where they are read.
+    """
+    if isinstance(value, torch.Tensor):
+        is_complex = value.is_complex()
+    else:
+        try:
+            is_complex = np.iscomplexobj(np.asarray(value))
+        except (TypeError, ValueError):
+            return
+    if is_complex:
+        dtype = value.dtype if isinstance(value, torch.Tensor) else np.asarray(value).dtype
+        raise ComplexDataError(f"Complex data not supported: {name} has dtype {dtype}")

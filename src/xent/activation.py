@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from xent._validation import compute_dtype
+from xent._numerics import compute_dtype
+from xent._validation import DtypeError, check_tensor_args
 
 
 def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -29,6 +30,29 @@ def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(m == -torch.inf, torch.zeros_like(m), m)
 
 
+def _softmax_input(function: str, input: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``input`` cast to ``dtype`` if given; :class:`DtypeError` unless the result is floating.
+
+    PyTorch's softmax kernels exist only for floating dtypes: an integer, boolean or complex
+    input raises ``NotImplementedError`` unless ``dtype=`` names a floating dtype to compute in
+    (a complex input then loses its imaginary part, with PyTorch's warning).
+    """
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(
+                f"{function}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}"
+            )
+        if not dtype.is_floating_point:
+            raise DtypeError(f"{function}(): dtype must be a floating dtype, got {dtype}")
+        return input.to(dtype)
+    if not input.is_floating_point():
+        raise DtypeError(
+            f"{function}(): input must have a floating dtype, got {input.dtype}; "
+            "pass dtype= (e.g. dtype=torch.float32) to compute in one"
+        )
+    return input
+
+
 def logsumexp(
     input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
 ) -> torch.Tensor:
@@ -39,13 +63,16 @@ def logsumexp(
         \\operatorname{lse}(x) = m + \\log \\sum_c e^{x_c - m}, \\qquad m = \\max_c x_c
 
     Args:
-        input: tensor of any shape and floating dtype.
+        input: tensor of any shape. Integer and boolean inputs are computed in the default
+            dtype (``torch.get_default_dtype()``), as PyTorch does; complex inputs give the
+            complex ``log Σ exp`` (principal branch), shifted by the largest real part.
         dim: dimension (or dimensions) to reduce.
         keepdim: keep the reduced dimension with size 1.
 
     Returns:
-        ``input``'s shape without ``dim`` (or with size 1 there if ``keepdim``), ``input``'s dtype.
-        A row of all ``-inf`` gives ``-inf``; a row holding ``+inf`` gives ``+inf``.
+        ``input``'s shape without ``dim`` (or with size 1 there if ``keepdim``), ``input``'s dtype
+        (the default dtype for integer or boolean inputs). A row of all ``-inf`` gives ``-inf``;
+        a row holding ``+inf`` gives ``+inf``.
 
     Equals ``torch.logsumexp(input, dim, keepdim)``.
 
@@ -54,11 +81,17 @@ def logsumexp(
         >>> xent.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
         tensor(1000.6932)
     """
+    check_tensor_args(logsumexp, input=input)
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    if not input.is_floating_point():
-        input = input.to(torch.get_default_dtype())
-    x = input.to(compute_dtype(input.dtype))
-    m = x.detach().amax(dim=dims, keepdim=True)
+    if input.is_complex():
+        # exp(z - m) with m real: |exp(z - m)| = exp(Re z - m) ≤ 1, so the real shift suffices.
+        x = input
+        m = x.real.detach().amax(dim=dims, keepdim=True)
+    else:
+        if not input.is_floating_point():
+            input = input.to(torch.get_default_dtype())
+        x = input.to(compute_dtype(input.dtype))
+        m = x.detach().amax(dim=dims, keepdim=True)
     # Unlike log-softmax, log-sum-exp has a finite-or-infinite answer for ±inf rows: shift by 0.
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     out = (x - m).exp().sum(dim=dims, keepdim=True).log() + m
@@ -76,13 +109,17 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
         \\qquad m = \\max_k x_k
 
     Args:
-        input: tensor of any shape and floating dtype.
+        input: tensor of any shape and floating dtype (any dtype with a floating ``dtype=``).
         dim: the class dimension.
-        dtype: if given, ``input`` is cast to it first (as in PyTorch).
+        dtype: if given, a floating dtype ``input`` is cast to first (as in PyTorch).
 
     Returns:
         Same shape as ``input``; ``input``'s dtype (or ``dtype``). Half-precision inputs are
         computed in fp32 and rounded once at the end.
+
+    Raises:
+        NotImplementedError: an integer, boolean or complex ``input`` without a floating
+            ``dtype=``, or a non-floating ``dtype=`` (as in PyTorch; also a ``TypeError``).
 
     Equals ``torch.nn.functional.log_softmax(input, dim, dtype=dtype)``; shifting every logit
     in a row by the same constant leaves the result unchanged, even for offsets of 1e4 in fp32.
@@ -92,8 +129,8 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
         >>> xent.log_softmax(torch.tensor([1.0, 2.0, 3.0]), dim=0)
         tensor([-2.4076, -1.4076, -0.4076])
     """
-    if dtype is not None:
-        input = input.to(dtype)
+    check_tensor_args(log_softmax, input=input)
+    input = _softmax_input("log_softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
     shifted = x - _stable_max(x, dim)
     out = shifted - shifted.exp().sum(dim=dim, keepdim=True).log()
@@ -109,12 +146,16 @@ def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) 
         \\qquad m = \\max_k x_k
 
     Args:
-        input: tensor of any shape and floating dtype.
+        input: tensor of any shape and floating dtype (any dtype with a floating ``dtype=``).
         dim: the class dimension.
-        dtype: if given, ``input`` is cast to it first (as in PyTorch).
+        dtype: if given, a floating dtype ``input`` is cast to first (as in PyTorch).
 
     Returns:
         Same shape and dtype as ``input`` (or ``dtype``); each slice along ``dim`` sums to 1.
+
+    Raises:
+        NotImplementedError: an integer, boolean or complex ``input`` without a floating
+            ``dtype=``, or a non-floating ``dtype=`` (as in PyTorch; also a ``TypeError``).
 
     Equals ``torch.nn.functional.softmax(input, dim, dtype=dtype)``.
 
@@ -123,8 +164,8 @@ def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) 
         >>> xent.softmax(torch.tensor([1.0, 2.0, 3.0]), dim=0)
         tensor([0.0900, 0.2447, 0.6652])
     """
-    if dtype is not None:
-        input = input.to(dtype)
+    check_tensor_args(softmax, input=input)
+    input = _softmax_input("softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
     e = (x - _stable_max(x, dim)).exp()
     return (e / e.sum(dim=dim, keepdim=True)).to(input.dtype)

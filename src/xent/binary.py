@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx
 
+from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     Reduction,
     check_floating,
     check_reduction,
     check_same_shape,
-    compute_dtype,
-    reduce,
+    check_tensor_args,
 )
 
 # PyTorch clamps each log at -100, so p = 0 or 1 costs 100 per element instead of inf.
@@ -177,6 +177,9 @@ def binary_cross_entropy(
         >>> binary_cross_entropy(torch.tensor([0.0]), torch.tensor([1.0]))
         tensor(100.)
     """
+    check_tensor_args(
+        binary_cross_entropy, input=input, target=target, weight=weight, real=("weight",)
+    )
     check_floating("input", input)
     check_floating("target", target)
     check_reduction(reduction)
@@ -337,6 +340,14 @@ def binary_cross_entropy_with_logits(
         ...            torch.tensor([1.0, 0.0, 0.0]), reduction="none")
         tensor([0., 0., inf])
     """
+    check_tensor_args(
+        binary_cross_entropy_with_logits,
+        input=input,
+        target=target,
+        weight=weight,
+        pos_weight=pos_weight,
+        real=("weight", "pos_weight"),
+    )
     check_floating("input", input)
     check_floating("target", target)
     check_reduction(reduction)

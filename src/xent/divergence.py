@@ -15,12 +15,13 @@ from typing import Literal
 
 import torch
 
+from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     check_broadcastable,
     check_floating,
     check_reduction,
-    compute_dtype,
-    reduce,
+    check_tensor_args,
+    floating_or_default,
 )
 
 KLReduction = Literal["none", "mean", "sum", "batchmean"]
@@ -81,6 +82,7 @@ def kl_div(
         >>> round(kl_div(q.log(), p, reduction="sum").item(), 4)
         0.2485
     """
+    check_tensor_args(kl_div, input=input, target=target)
     check_floating("input", input)
     check_floating("target", target)
     check_reduction(reduction, KL_REDUCTIONS)
@@ -131,6 +133,7 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
         >>> entropy(torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
         tensor([0.6931, 0.0000])
     """
+    p = floating_or_default("p", p, entropy)
     check_floating("p", p)
     pc = p.to(compute_dtype(p.dtype))
     zero = pc == 0

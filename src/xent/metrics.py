@@ -17,6 +17,8 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
+from xent._validation import check_real_array
+
 __all__ = ["log_loss"]
 
 ArrayLike: TypeAlias = Sequence[Any] | np.ndarray | torch.Tensor
@@ -102,6 +104,7 @@ def log_loss(
         ...          sample_weight=[1.0, 3.0], normalize=False)
         1.36258
     """
+    check_real_array("y_pred", y_pred)
     if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
 

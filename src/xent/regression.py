@@ -11,14 +11,14 @@ import warnings
 
 import torch
 
+from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     Reduction,
     check_broadcastable,
     check_floating,
     check_reduction,
     check_same_shape,
-    compute_dtype,
-    reduce,
+    check_tensor_args,
 )
 
 
@@ -77,6 +77,9 @@ def huber_loss(
         >>> huber_loss(x, y, reduction="none", delta=2.0)
         tensor([0.1250, 4.0000, 2.0000])
     """
+    check_tensor_args(
+        huber_loss, input=input, target=target, weight=weight, real=("target", "weight")
+    )
     check_floating("input", input)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")

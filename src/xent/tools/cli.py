@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 
 import xent
 
-# name -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int;
-# heavy imports (matplotlib) wait inside run.
+# name -> (module in xent.tools, one-line help). Each module has add_arguments(parser) and
+# run(args) -> int; heavy imports (matplotlib) wait inside run.
 SUBCOMMANDS = {
-    "explain": ("xent.explain", "show every step of a loss: the seed examples or your numbers"),
-    "plot": ("xent.plots", "draw the figures that explain the losses (PNG files)"),
-    "bench": ("xent.bench", "time and peak memory of xent against torch and torch.compile"),
-    "demo": ("xent.demo", "train a small language model with xent and with torch, side by side"),
+    "explain": ("explain", "show every step of a loss: the seed examples or your numbers"),
+    "plot": ("plots", "draw the figures that explain the losses (PNG files)"),
+    "bench": ("bench", "time and peak memory of xent against torch and torch.compile"),
+    "demo": ("demo", "train a small language model with xent and with torch, side by side"),
 }
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xent {xent.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(f"xent.tools.{module_name}")
         child = sub.add_parser(name, help=help_text, description=module.__doc__.split("\n\n")[0])
         module.add_arguments(child)
         child.set_defaults(run=module.run)
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xent`` console script; returns the process exit code."""
+    if importlib.util.find_spec("rich") is None:
+        sys.stderr.write("xent: the command-line tools need rich: pip install 'xent[tools]'\n")
+        return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import gc
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xent
+from xent.tools._measure import PeakMemory, pyplot
 
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|[^\sA-Za-z_0-9]")
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
@@ -107,41 +107,6 @@ class RunResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-class _PeakMemory:
-    """Peak memory above the starting point: CUDA allocator stats, or Linux's VmHWM."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> _PeakMemory:
-        gc.collect()
-        self.value = None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        elif os.path.exists("/proc/self/clear_refs"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak resident size to the current one
-            self.base = _status_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.value = torch.cuda.max_memory_allocated(self.device) - self.base
-        elif hasattr(self, "base"):
-            self.value = _status_kib("VmHWM") * 1024 - self.base
-
-
-def _status_kib(name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise OSError(name)
-
-
 def train(
     name: str,
     model: ContextModel,
@@ -155,7 +120,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     result = RunResult(name)
     device = next(model.parameters()).device
-    with _PeakMemory(device) as peak:
+    with PeakMemory(device) as peak:
         start = time.perf_counter()
         for ctx, target in batches:
             loss = loss_fn(model, ctx, target)
@@ -186,10 +151,7 @@ def make_batches(
 
 
 def plot_curves(results: list[RunResult], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = {0: dict(lw=3, alpha=0.5), 1: dict(lw=1.2, ls="--")}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import statistics
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import xent
+from xent.tools._measure import PeakMemory, pyplot
 
 Step = Callable[[], torch.Tensor]
 
@@ -235,14 +235,6 @@ def measure_times(cfg: Config, progress: Callable[[], None] | None = None) -> di
     return results
 
 
-def _rss_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise OSError(field_name)
-
-
 def measure_peak_memory(cfg: Config, variant: str) -> int:
     """Peak memory (bytes) one forward+backward of ``variant`` adds on top of its inputs.
 
@@ -253,26 +245,17 @@ def measure_peak_memory(cfg: Config, variant: str) -> int:
     for _ in range(max(cfg.warmup, 1)):
         _run_once(case, variant, clock)
     _zero_grads(case)
-    gc.collect()
-    if cfg.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory(cfg.device) as peak:
         _run_once(case, variant, clock)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident size (VmHWM) to the current one
-    base = _rss_kib("VmRSS")
-    _run_once(case, variant, clock)
-    return (_rss_kib("VmHWM") - base) * 1024
+    if peak.value is None:
+        raise OSError("peak memory is measured from CUDA statistics or Linux's /proc/self/status")
+    return peak.value
 
 
 def _memory_in_subprocess(cfg: Config, variant: str) -> int | None:
     spec = json.dumps({**dataclasses.asdict(cfg), "variants": [variant]})
     proc = subprocess.run(
-        [sys.executable, "-m", "xent.bench", spec],
+        [sys.executable, "-m", "xent.tools.bench", spec],
         capture_output=True,
         text=True,
         # A fixed mmap threshold makes glibc return every freed block of 64 KiB or more to the
@@ -391,10 +374,7 @@ def write_outputs(rows: list[dict], json_path: str | None, csv_path: str | None)
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [r["variant"] for r in rows]
@@ -500,6 +480,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the memory probe: `python -m xent.bench '{"case": ...}'`
+if __name__ == "__main__":  # the memory probe: `python -m xent.tools.bench '{"case": ...}'`
     probe = Config(**json.loads(sys.argv[1]))
     print(measure_peak_memory(probe, probe.variants[0]))

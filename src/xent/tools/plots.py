@@ -18,21 +18,13 @@ import os
 import torch
 
 import xent
+from xent.tools._measure import pyplot
 
 FIGURES = ("neg_log.png", "coin_likelihood.png", "masking.png", "label_smoothing.png")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_neg_log(path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     p = torch.linspace(0.005, 1.0, 400, dtype=torch.float64)
     # -log p as the cross-entropy of a one-hot truth against (1 - p, p): xent's own number.
     loss = xent.binary_cross_entropy(p, torch.ones_like(p), reduction="none")
@@ -67,7 +59,7 @@ def plot_neg_log(path: str) -> None:
 
 
 def plot_coin_likelihood(path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     flips = torch.cat([torch.ones(60), torch.zeros(40)]).double()
     thetas = torch.linspace(0.01, 0.99, 197, dtype=torch.float64)
     nll = torch.stack(
@@ -94,7 +86,7 @@ def plot_coin_likelihood(path: str) -> None:
 
 
 def plot_masking(path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     gen = torch.Generator().manual_seed(3)
@@ -136,7 +128,7 @@ def plot_masking(path: str) -> None:
 
 
 def plot_label_smoothing(path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     classes = 5
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.25

@@ -21,114 +21,12 @@ A reduction enters as one coefficient per row, ``c_i = ∂L/∂l_i``, known befo
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
-from xent._validation import compute_dtype
+from xent._engine.options import CEParams
+from xent._numerics import compute_dtype, target_weights
 
-# Bytes of fp32 logits per chunk: a few MiB keeps a chunk and its gradient in the L2/L3 caches of
-# current CPUs while making each torch call long enough that its fixed cost (~10 µs) is noise.
-# Measured with `xent bench ce` on a 2-core AMD EPYC (AVX-512): 1–8 MiB were within 5 % of each
-# other; 64 KiB was 1.8× slower.
-CHUNK_BYTES = 4 << 20
 LOG2E = 1.4426950408889634  # 1 / ln 2
-
-
-@dataclass(frozen=True)
-class CEParams:
-    """Options of one cross-entropy call; travels through autograd unchanged."""
-
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    chunk_rows: int | None = None
-    impl: str = "torch"  # "torch" (this module) or "triton" (xent._triton_ce)
-
-    def options(self) -> list[float]:
-        """The numeric options as a flat list, the form ``torch.library`` operators accept."""
-        return [
-            float(self.ignore_index),
-            self.label_smoothing,
-            self.z_loss,
-            0.0 if self.softcap is None else self.softcap,
-            0.0 if self.chunk_rows is None else float(self.chunk_rows),
-            1.0 if self.impl == "triton" else 0.0,
-        ]
-
-    @classmethod
-    def from_options(cls, reduction: str, options: list[float]) -> CEParams:
-        """Inverse of :meth:`options`."""
-        ignore_index, eps, zeta, cap, rows, triton = options
-        impl = "triton" if triton else "torch"
-        return cls(int(ignore_index), reduction, eps, zeta, cap or None, int(rows) or None, impl)
-
-    def rows_per_chunk(self, num_classes: int) -> int:
-        if self.chunk_rows is not None:
-            return max(1, int(self.chunk_rows))
-        return max(1, CHUNK_BYTES // (4 * max(num_classes, 1)))
-
-
-# --------------------------------------------------------------------------------------------
-# Large buffers
-# --------------------------------------------------------------------------------------------
-
-_MADV_HUGEPAGE = 14
-_HUGE = 2 << 20
-_libc = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    except (OSError, AttributeError):
-        _libc = None
-
-
-def empty_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor for a large write-once result (the gradient).
-
-    On Linux CPUs, buffers of at least 8 MiB are marked ``MADV_HUGEPAGE`` before first touch, so
-    the kernel backs them with 2 MiB pages: a fresh 512 MiB gradient then costs ~260 page faults
-    instead of ~130 000, which measured ~130 ms per call here. The advice is only a hint; where it
-    is refused nothing changes.
-    """
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    nbytes = out.numel() * out.element_size()
-    if _libc is not None and out.device.type == "cpu" and nbytes >= 4 * _HUGE:
-        start = (out.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
-        end = (out.data_ptr() + nbytes) // _HUGE * _HUGE
-        if end > start:
-            _libc.madvise(start, end - start, _MADV_HUGEPAGE)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The pass
-# --------------------------------------------------------------------------------------------
-
-
-def target_weights(
-    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(valid, safe_target, w_y)`` for ``(M)`` class indices.
-
-    ``valid`` marks rows that count; ``safe_target`` replaces ignored targets (which may lie
-    outside ``[0, C)``) by 0 so they can be gathered; ``w_y`` is the weight of each row's target,
-    exactly 0 on ignored rows. Indices are int64 so ``M·C > 2³¹`` addresses correctly.
-    """
-    valid = target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target)).long()
-    if weight is None:
-        w_y = valid.to(dtype)
-    else:
-        w_y = torch.where(valid, weight[safe], torch.zeros((), dtype=dtype, device=weight.device))
-    return valid, safe, w_y
 
 
 class _Scratch:
@@ -179,7 +77,7 @@ def cross_entropy_pass(
     Args:
         x: logits ``(M, C)``, contiguous, any floating dtype.
         target: ``(M)`` class indices, or ``(M, C)`` probabilities (floating dtype).
-        weight: ``(C)`` class weights or None.
+        weight: ``(C)`` class weights or None (all ``C`` classes, also for a slice).
         row_coef: ``(M)`` coefficients ``c_i = ∂L/∂l_i`` in the compute dtype (0 on ignored
             rows); required when a gradient is written.
         params: the options.
@@ -188,28 +86,45 @@ def cross_entropy_pass(
             ``c_i ∂l_i/∂x``; None to compute only loss and log-sum-exp.
         grad_target_out: ``(M, C)`` buffer for ``c_i ∂l_i/∂q`` (probability targets only).
 
+    With ``params.sliced`` the logits are one rank's slice of the vocabulary: the pass then
+    forms only the gradient of that slice from the global ``lse_in`` (``A`` with the global
+    ``w_y``, ``Σ_c w_c`` and ``C``; ``B_j`` on the slice's columns); its loss output is unused.
+
     Returns:
         ``(loss, lse)``: per-row losses ``l_i`` (ignored rows 0) and log-sum-exps, both ``(M)`` in
         the compute dtype (fp32, or fp64 for fp64 logits).
     """
-    num_rows, num_classes = x.shape
+    num_rows, width = x.shape
+    # A vocabulary slice (params.sliced): these are classes [first, first + width) of C; the
+    # class weights and the targets are global. Otherwise first = 0 and C = width.
+    num_classes = params.num_classes if params.sliced else width
+    first = params.class_start
+    if params.sliced and (lse_in is None or target.dim() == 2):
+        raise ValueError("a vocabulary slice needs the global log-sum-exp and class indices")
     cdtype = compute_dtype(x.dtype)
     device = x.device
     probs = target.dim() == 2
     eps, zeta, cap = params.label_smoothing, params.z_loss, params.softcap
-    w = None if weight is None else weight.to(device=device, dtype=cdtype)
+    w_full = None if weight is None else weight.to(device=device, dtype=cdtype)
+    w = None if w_full is None else w_full[first : first + width]  # this slice's classes
     w_sum = float(num_classes) if w is None else None  # Σ_c w_c, as a number or a tensor
-    w_total = w.sum() if w is not None else None
-    w_row = torch.ones(num_classes, device=device, dtype=cdtype) if w is None else w
+    w_total = w_full.sum() if w_full is not None else None
+    w_row = torch.ones(width, device=device, dtype=cdtype) if w is None else w
 
     loss = torch.empty(num_rows, device=device, dtype=cdtype)
     lse_all = torch.empty(num_rows, device=device, dtype=cdtype)
     if not probs:
-        valid, safe, w_y_all = target_weights(target, w, params.ignore_index, cdtype)
+        valid, safe, w_y_all = target_weights(target, w_full, params.ignore_index, cdtype)
+        if params.sliced:
+            # Targets in another rank's slice still weigh in A (through w_y) but put no -B_y
+            # here: their scatter lands on column 0 with a zero value.
+            mine = valid & (safe >= first) & (safe < first + width)
+            safe = torch.where(mine, safe - first, 0)
+            hit = mine.to(cdtype)
 
     inplace = grad_out is not None and grad_out.data_ptr() == x.data_ptr()
-    rows = params.rows_per_chunk(num_classes)
-    scratch = _Scratch(min(rows, max(num_rows, 1)), num_classes, device, cdtype)
+    rows = params.rows_per_chunk(width)
+    scratch = _Scratch(min(rows, max(num_rows, 1)), width, device, cdtype)
     for start in range(0, num_rows, rows):
         stop = min(start + rows, num_rows)
         n = stop - start
@@ -302,7 +217,8 @@ def cross_entropy_pass(
             wq.mul_(c)
             e.sub_(wq)
         else:
-            e.scatter_add_(1, ys, -(1.0 - eps) * c * w_y)
+            b_y = -(1.0 - eps) * c * w_y
+            e.scatter_add_(1, ys, b_y * hit[start:stop, None] if params.sliced else b_y)
             if eps > 0.0:
                 e.addr_(c.squeeze(1), w_row, alpha=-eps / num_classes)
         if tanh is not None:
@@ -312,37 +228,3 @@ def cross_entropy_pass(
         if not direct:
             gs.copy_(e)
     return loss, lse_all
-
-
-def pass_for(params: CEParams) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The kernel that runs ``params``: :func:`cross_entropy_pass` or its Triton twin."""
-    if params.impl == "triton":
-        from xent._triton_ce import cross_entropy_pass_triton  # Triton is imported on demand
-
-        return cross_entropy_pass_triton
-    return cross_entropy_pass
-
-
-def resolve_impl(impl: str, x: torch.Tensor, choices: tuple[str, ...]) -> str:
-    """``"auto"`` → ``"triton"`` on CUDA when Triton is installed, else ``"torch"``; checks."""
-    if impl not in choices:
-        raise ValueError(f"impl must be one of {', '.join(map(repr, choices))}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if x.is_cuda and _triton_available() else "torch"
-    if impl == "triton":
-        if not _triton_available():
-            raise ValueError("impl='triton' needs the triton package (pip install 'xent[gpu]')")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"impl='triton' runs on CUDA tensors (got a {x.device.type} tensor); set "
-                "TRITON_INTERPRET=1 to run the kernels through Triton's interpreter instead"
-            )
-    return impl
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -1,8 +1,8 @@
 """Triton kernels for the one-pass cross-entropy: one program per row of logits.
 
-The contract is that of :func:`xent._onepass.cross_entropy_pass` (same arguments, same results),
-so every caller (``cross_entropy``, ``linear_cross_entropy``) switches backends by choosing which
-of the two functions to call. Imported only when ``impl="triton"`` is used; with
+The contract is that of :func:`xent._engine.torch_rows.cross_entropy_pass` (same arguments,
+same results), so the dispatcher (:func:`xent._engine.dispatch.row_pass`) switches backends by
+choosing which of the two functions to call. Imported only when ``impl="triton"`` is used; with
 ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (that is how they are tested without a
 GPU).
 
@@ -16,7 +16,7 @@ Per row the kernel reads the logits twice, never writing anything but the result
 
 Probability targets (a second ``M × C`` input ``q``) have their own kernel of the same shape,
 which also writes ``∂l/∂q`` when the target requires a gradient. The algebra (``A``, ``B``,
-z-loss, soft-capping, probability targets) is the one derived in :mod:`xent._onepass`.
+z-loss, soft-capping, probability targets) is the one derived in :mod:`xent._engine.torch_rows`.
 Offsets are int64 (``row * stride`` overflows int32 past 2³¹ elements) and nothing is read back
 to the host, so a launch can be captured in a CUDA graph.
 """
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xent._onepass import CEParams
+from xent._engine.options import CEParams
 
 # Columns per block: the whole row up to this size (fewest passes), and the warps to run it.
 # Block sizes are powers of two; 4096 fp32 columns per block keeps a block in registers across
@@ -258,7 +258,7 @@ def cross_entropy_pass_triton(
     grad_out: torch.Tensor | None = None,
     grad_target_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`xent._onepass.cross_entropy_pass` on Triton: same arguments, same results."""
+    """:func:`xent._engine.torch_rows.cross_entropy_pass` on Triton: same arguments and results."""
     if target.dim() == 2:
         return _probability_pass(
             x, target, weight, row_coef, params, lse_in, grad_out, grad_target_out
