@@ -175,8 +175,9 @@ def causal_lm_loss(
     Args:
         hidden_states: ``(..., T, H)`` last hidden states (after the final norm).
         lm_head: the output layer (a linear module, FSDP2-sharded or not) or its ``(V, H)``
-            weight. A tensor-parallel (DTensor) weight is passed to
-            :func:`xent.linear_cross_entropy` as it is.
+            weight. A tensor-parallel (``Shard(0)`` DTensor) weight is passed to
+            :func:`xent.linear_cross_entropy` as it is, which takes its vocabulary-parallel
+            path.
         labels: ``(..., T)`` token ids, shifted here; or None when ``shift_labels`` is given.
         shift_labels: ``(..., T)`` targets already aligned with ``hidden_states``.
         num_items_in_batch: denominator of the mean (tensor or number), else the count of
