@@ -75,20 +75,25 @@ def test_sft_trainer_patched_after_construction(tmp_path, monkeypatch):
     ref = _sft(stock, tmp_path / "stock", patch=False)
 
     calls = []
-    lce = xent.hf.linear_cross_entropy
+    lce, llp = xent.hf.linear_cross_entropy, xent.hf.linear_log_probs
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("reduction"))
         return lce(*args, **kwargs)
 
+    def counted_log_probs(*args, **kwargs):
+        calls.append("log_probs")
+        return llp(*args, **kwargs)
+
     def refuse(*args, **kwargs):
         raise AssertionError("TRL's own fused head ran")
 
     monkeypatch.setattr(xent.hf, "linear_cross_entropy", counted)
+    monkeypatch.setattr(xent.hf, "linear_log_probs", counted_log_probs)
     monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", refuse)
     out = _sft(patched, tmp_path / "patched", patch=True)
     # patch's check of its options, then 3 steps × 2 micro-batches, all through xent
-    assert calls == [None] + ["none"] * 6
+    assert calls == [None] + ["log_probs"] * 6
     for (n, p), q in zip(stock.named_parameters(), patched.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
     assert (
@@ -122,7 +127,7 @@ def test_fused_head_protocol_with_temperature(name):
 
     stock = build(name, torch.float32)
     patched = copy.deepcopy(stock)
-    temperature = 1.0 if name.startswith("Gemma") else 0.7
+    temperature = 0.7  # after the model's own transform (Gemma 2: the soft-cap)
     for model in (stock, patched):
         add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
     xent.hf.patch(patched)
@@ -137,14 +142,3 @@ def test_fused_head_protocol_with_temperature(name):
     (out.log_probs * torch.linspace(0, 1, 10)).sum().backward()
     for (n, p), q in zip(stock.named_parameters(), patched.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
-
-
-def test_fused_head_soft_cap_with_temperature_is_refused():
-    from hf_models import batch
-    from trl.trainer.utils import add_fused_lm_head
-
-    model = build("Gemma2ForCausalLM", torch.float32)
-    add_fused_lm_head(model, temperature=0.7)
-    xent.hf.patch(model)
-    with pytest.raises(NotImplementedError, match=r"temperature \(0\.7\)"):
-        model(**batch(), fused_lm_head=True)

@@ -37,8 +37,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from xent.activation import logsumexp
 from xent.fused import linear_cross_entropy
+from xent.posttrain import linear_log_probs
 
 __all__ = ["SUPPORTED", "causal_lm_loss", "is_patched", "patch", "unpatch"]
 
@@ -546,38 +546,6 @@ def _loss_forward(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _entropy_top1(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    target: torch.Tensor,
-    softcap: float | None,
-    chunk_size: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row entropy of softmax(z) and whether the target is z's argmax, chunk by chunk.
-
-    Metrics only (no gradient): ``H = lse(z) − Σ_j p_j z_j``, with ``0 · z = 0`` where
-    ``p_j = 0``, so ``-inf`` logits give no NaN.
-    """
-    rows = x.shape[0]
-    step = chunk_size or max(1, (48 << 20) // (4 * max(w.shape[0], 1)))
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    entropy = torch.empty(rows, dtype=dtype, device=x.device)
-    top1 = torch.empty(rows, dtype=torch.bool, device=x.device)
-    for r in range(0, rows, step):
-        z = x[r : r + step].to(entropy.dtype) @ w.to(entropy.dtype).t()
-        if b is not None:
-            z += b.to(entropy.dtype)
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        lse = logsumexp(z, dim=1)
-        p = torch.exp(z - lse[:, None])
-        entropy[r : r + step] = lse - torch.where(p > 0, p * z, 0.0).sum(dim=1)
-        top1[r : r + step] = z.argmax(dim=1) == target[r : r + step]
-    return entropy, top1
-
-
 def _trl_forward(
     model: nn.Module, state: _Patch, arguments: dict[str, Any], var_kw: str | None
 ) -> Any:
@@ -585,8 +553,8 @@ def _trl_forward(
 
     TRL's trainers call ``model(..., labels=labels, fused_lm_head=True)`` and build their loss
     from ``log_probs`` (zero on ignored positions), ``label_mask`` and the metrics ``entropy``
-    and ``is_top1``. ``log_probs = −linear_cross_entropy(..., reduction="none")``: exact, with
-    its gradient, no logits stored.
+    and ``is_top1``, all from :func:`xent.linear_log_probs` (with TRL's temperature after the
+    model's own logit transform): exact, with their gradients, no logits stored.
     """
     head_opts = state.trl_head or {}
     temperature = head_opts.get("temperature") or 1.0
@@ -613,33 +581,28 @@ def _trl_forward(
     target = target.to(hidden.device)
     mask = target != -100
     cap = state.family.softcap(model)
-    if temperature != 1.0 and cap is not None:
-        raise NotImplementedError(
-            f"a TRL temperature ({temperature}) with a soft-capped head is not supported by "
-            f"xent.hf yet"
-        )
-    scale = state.family.logit_scale(model) / temperature
+    scale = state.family.logit_scale(model)
     head = model.get_output_embeddings()
 
     def per_token(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight, bias = _head_tensors(head)
-        x, w, b = _prepare(h, weight, bias, scale)
+        x, w, b = _prepare(h, weight, bias, 1.0)
         with torch.autocast(h.device.type, enabled=False):
-            nll = linear_cross_entropy(
+            # z = cap·tanh(s·(W h + b)/cap) / T: the model's own transform, then TRL's temperature.
+            out = linear_log_probs(
                 x,
                 w,
                 target,
-                linear_bias=b,
-                reduction="none",
+                bias=b,
+                temperature=temperature,
+                logit_scale=scale,
                 softcap=cap,
+                return_entropy=True,
+                return_top1=True,
                 chunk_size=state.options["chunk_size"],
                 impl=state.options["impl"],
             )
-            rows = x.reshape(-1, x.shape[-1])
-            ent, top = _entropy_top1(
-                rows, w, b, target.reshape(-1), cap, state.options["chunk_size"]
-            )
-        return -nll, ent.reshape(target.shape), top.reshape(target.shape)
+        return out.log_probs, out.entropy, out.top1
 
     if _is_fsdp(head):
         log_probs, entropy, top1 = _through_module(head, per_token, hidden)
