@@ -585,3 +585,40 @@ def test_warm_up_runs_the_step_once():
     loss = triton_ce.warm_up(lambda: calls.append(1) or xent.cross_entropy(x, t, impl="triton"))
     assert calls == [1]
     torch.testing.assert_close(loss, F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocabulary_slice_gradient_equals_the_torch_kernel(weighted, reduction):
+    # One rank's slice [first, first + width) of C classes, from the global lse: the Triton kernel
+    # forms the same gradient as the torch kernel, whose slice is checked against single-process
+    # xent on 2 and 3 processes (tests/test_distributed.py), and the same as the columns of the
+    # whole-vocabulary gradient.
+    from dataclasses import replace
+
+    from xent._engine.options import CEParams
+    from xent._engine.torch_rows import cross_entropy_pass
+
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab, first, width = 9, 53, 17, 21
+    z = (3 * torch.randn(rows, vocab, generator=gen, dtype=torch.float64)).to(DEVICE)
+    t = torch.randint(0, vocab, (rows,), generator=gen).to(DEVICE)
+    t[0], t[1], t[2] = -100, first, first + width - 1  # ignored, first and last of the slice
+    w = (
+        (torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE)
+        if weighted
+        else None
+    )
+    coef = torch.rand(rows, generator=gen, dtype=torch.float64).to(DEVICE)
+    base = CEParams(-100, reduction, 0.1, 1e-2, 4.0)
+    whole = torch.empty_like(z)
+    _, lse = cross_entropy_pass(z, t, w, coef, base, grad_out=whole)
+    sliced = replace(base, class_start=first, num_classes=vocab)
+    part = z[:, first : first + width].contiguous()
+    g_torch, g_triton = torch.empty_like(part), torch.empty_like(part)
+    cross_entropy_pass(part, t, w, coef, sliced, lse_in=lse, grad_out=g_torch)
+    triton_ce.cross_entropy_pass_triton(
+        part, t, w, coef, replace(sliced, impl="triton"), lse_in=lse, grad_out=g_triton
+    )
+    torch.testing.assert_close(g_torch, whole[:, first : first + width], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g_triton, g_torch, atol=1e-12, rtol=1e-12)

@@ -105,6 +105,7 @@ def _ce_args(
         vocab,
         torch.empty(ROWS, dtype=torch.long),
         w if weight else x,
+        w if weight else x,
         f[:1] if weight else x,
         f,
         f,
@@ -116,6 +117,8 @@ def _ce_args(
         n_rows,
         vocab,
         -100,
+        0,
+        vocab,
     )
     kwargs = dict(
         HAS_WEIGHT=weight,
@@ -249,6 +252,7 @@ def _alignment_facts() -> dict:
             t[rows],
             x,
             x,
+            x,
             f[rows],
             f[rows],
             f[rows],
@@ -259,6 +263,8 @@ def _alignment_facts() -> dict:
             rows.stop - rows.start,
             vocab,
             -100,
+            0,
+            vocab,
         )
         return str(_specialise(kernel, target, args, dict(kw, num_warps=8))[2])
 

@@ -38,7 +38,7 @@ from xent._engine.options import CHUNK_BYTES, CEParams
 from xent._numerics import compute_dtype, target_weights
 
 # The backends whose one-pass kernel takes a vocabulary slice (CEParams.sliced).
-_SLICED_BACKENDS = {"torch": True, "triton": False}
+_SLICED_BACKENDS = {"torch": True, "triton": True}
 
 
 @dataclass(frozen=True)

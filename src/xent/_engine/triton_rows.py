@@ -330,11 +330,20 @@ def _ce_grad_row(
 
 
 @triton.jit(
-    do_not_specialize=["stride_x", "stride_g", "n_rows", "V", "ignore_index"],
+    do_not_specialize=[
+        "stride_x",
+        "stride_g",
+        "n_rows",
+        "V",
+        "ignore_index",
+        "class_start",
+        "n_classes",
+    ],
     do_not_specialize_on_alignment=[
         "X",
         "T",
         "W",
+        "W_Y",
         "W_SUM",
         "COEF",
         "LOSS",
@@ -349,6 +358,7 @@ def _ce_row_kernel(
     stride_x,
     T,
     W,
+    W_Y,
     W_SUM,
     COEF,
     LOSS,
@@ -360,6 +370,8 @@ def _ce_row_kernel(
     n_rows,
     V,
     ignore_index,
+    class_start,
+    n_classes,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     SMOOTH: tl.constexpr,
@@ -386,16 +398,21 @@ def _ce_row_kernel(
         n_full = (V - head) // BLOCK
         vend = (V - head) // HEAD * HEAD  # elements from the boundary in whole vectors
         xa = _aligned(x_row, head)
+        # Targets are global class indices; the row holds classes [class_start, class_start + V)
+        # of n_classes (all of them unless vocabulary-parallel). A target in another slice
+        # weighs in A through w_y but puts no -B_y on this row.
         y = tl.load(T + row).to(tl.int64)
         valid = y != ignore_index
-        y_safe = tl.where(valid, y, 0)
+        y_loc = y - class_start
+        mine = valid & (y_loc >= 0) & (y_loc < V)
+        y_safe = tl.where(mine, y_loc, 0)
         z_y = tl.load(x_row + y_safe).to(ACC)
         if HAS_SOFTCAP:
             z_y = softcap * _tanh(z_y / softcap)
         w_y = 1.0
-        w_sum = V * 1.0
+        w_sum = n_classes * 1.0
         if HAS_WEIGHT:
-            w_y = tl.load(W + y_safe).to(ACC)
+            w_y = tl.load(W_Y + tl.where(valid, y, 0)).to(ACC)
             w_sum = tl.load(W_SUM).to(ACC)
         w_y = tl.where(valid, w_y, 0.0)
 
@@ -467,7 +484,7 @@ def _ce_row_kernel(
             lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
             loss = (1.0 - eps) * w_y * (lse - z_y) + zeta * lse * lse
             if SMOOTH:
-                loss += (eps / V) * (lse * w_sum - wz)
+                loss += (eps / n_classes) * (lse * w_sum - wz)
             tl.store(LOSS + row, tl.where(valid, loss, 0.0))
             tl.store(LSE + row, lse)
 
@@ -475,9 +492,9 @@ def _ce_row_kernel(
             c = tl.load(COEF + row).to(ACC)
             a = c * ((1.0 - eps) * w_y + zeta * 2.0 * lse)
             if SMOOTH:
-                a += c * (eps / V) * w_sum
-            b_y = c * (1.0 - eps) * w_y
-            b_eps = c * (eps / V)
+                a += c * (eps / n_classes) * w_sum
+            b_y = tl.where(mine, c * (1.0 - eps) * w_y, 0.0)
+            b_eps = c * (eps / n_classes)
             g_row = G + row * stride_g
             g_elem: tl.constexpr = G.dtype.element_ty.primitive_bitwidth // 8
             if _is_aligned(g_row, head, g_elem):  # the gradient shares the row's boundary
@@ -1102,13 +1119,17 @@ def cross_entropy_pass_triton(
             x, target, weight, row_coef, params, lse_in, grad_out, grad_target_out
         )
     rows, vocab = x.shape
+    if params.sliced and lse_in is None:
+        raise ValueError("a vocabulary slice needs the global log-sum-exp")
+    first = params.class_start
     acc, tl_acc = _acc(x)
     target = target.contiguous()  # the kernel reads target[row] at offset row
     x = _dense_rows(x)
     loss = torch.empty(rows, dtype=acc, device=x.device)
     lse = lse_in if lse_in is not None else torch.empty(rows, dtype=acc, device=x.device)
-    w = None if weight is None else weight.to(dtype=acc).contiguous()
+    w = None if weight is None else weight.to(dtype=acc).contiguous()  # all classes
     w_sum = None if w is None else w.sum().reshape(1)
+    w_slice = None if w is None else w[first : first + vocab]
     # Strided columns (e.g. transposed logits written in place): computed into dense rows, then
     # copied into the caller's buffer.
     g = _dense_rows(grad_out)
@@ -1122,7 +1143,8 @@ def cross_entropy_pass_triton(
                 x,
                 x.stride(0),
                 target,
-                x if w is None else w,  # absent pointers stand in as x (never read)
+                x if w is None else w_slice,  # absent pointers stand in as x (never read)
+                x if w is None else w,
                 x if w_sum is None else w_sum,
                 row_coef,
                 loss,
@@ -1134,6 +1156,8 @@ def cross_entropy_pass_triton(
                 rows,
                 vocab,
                 params.ignore_index,
+                first,
+                params.num_classes if params.sliced else vocab,
                 HAS_WEIGHT=w is not None,
                 HAS_SOFTCAP=params.softcap is not None,
                 SMOOTH=params.label_smoothing > 0.0,
