@@ -1,10 +1,12 @@
-"""Comparison helpers shared by the test modules (oracle checks, error floors)."""
+"""Oracles and comparison helpers shared by the test modules: the losses spelled out with torch's
+own functions, oracle checks, error floors."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -41,3 +43,87 @@ def assert_rounded_once(ours, ref, dtype: torch.dtype) -> None:
         assert a.dtype == dtype
         bound = (0.5 * eps + 1e-5) * r.abs() + tiny * eps
         assert ((a.double() - r).abs() <= bound).all()
+
+
+def torch_cross_entropy(
+    x,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+):
+    """xent.cross_entropy's options spelled out with torch's own functions (F.cross_entropy of
+    the soft-capped logits, plus the z-loss), materialising everything: the oracle of the kernels
+    and of :mod:`xent.reference`."""
+    z = x if softcap is None else softcap * torch.tanh(x / softcap)
+    ce = F.cross_entropy(
+        z,
+        target,
+        weight,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    lse = torch.logsumexp(z, dim=1)
+    if target.dim() == 1:
+        valid = target != ignore_index
+        per_row = ce + torch.where(valid, z_loss * lse**2, torch.zeros_like(lse))
+        denom = (weight[target.clamp(min=0)] * valid if weight is not None else valid).sum()
+    else:
+        per_row = ce + z_loss * lse**2
+        denom = torch.tensor(float(x.shape[0]), dtype=x.dtype)
+    if reduction == "none":
+        return per_row
+    return per_row.sum() / denom if reduction == "mean" else per_row.sum()
+
+
+def torch_linear_cross_entropy(
+    x,
+    w,
+    b,
+    t,
+    *,
+    weight=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    token_weight=None,
+    normalizer=None,
+    ignore_index=-100,
+):
+    """xent.linear_cross_entropy's definition with torch's own functions (F.linear, then
+    :func:`torch_cross_entropy`'s terms) and all logits in memory, in the inputs' dtype."""
+    z = F.linear(x, w, b)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    ce = F.cross_entropy(
+        z, t, weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    valid = t != ignore_index
+    lse = torch.logsumexp(z, 1)
+    per = ce + torch.where(valid, z_loss * lse**2, torch.zeros_like(lse))
+    tw = torch.ones_like(per) if token_weight is None else token_weight
+    per = per * tw
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    wy = torch.ones_like(per) if weight is None else weight[t.clamp(min=0)]
+    denom = normalizer if normalizer is not None else (tw * wy * valid).sum()
+    return per.sum() / denom
+
+
+class Counted:
+    """A stand-in for a patched function that counts its calls, so that a white-box test can
+    assert that the path it patched ran (a patch of a name nobody reads passes silently)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)

@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
+
+from cli_helpers import run_cli, run_subprocess
 
 import xent
 from xent.tools import bench
 from xent.tools.cli import build_parser
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xent", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_version_and_help():
-    out = _run("--version")
+    out = run_subprocess("--version")  # the one run of the console entry point's process
     assert out.returncode == 0 and out.stdout.strip() == f"xent {xent.__version__}"
-    out = _run("--help")
+    out = run_cli("--help")
     assert out.returncode == 0 and "bench" in out.stdout
 
 
 def test_bench_ce_tiny_writes_table_json_csv_and_plot(tmp_path):
-    out = _run(
+    out = run_cli(
         "bench",
         "ce",
         "-n",

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import matplotlib.image
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import run_cli, run_subprocess
 
 import xent
 from xent.tools import explain, plots
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xent", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_seed_walkthrough_prints_the_worked_numbers():
-    out = _cli("explain")
+    out = run_subprocess("explain")  # the one subprocess run of `xent explain`
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for number in (
@@ -40,7 +33,7 @@ def test_seed_walkthrough_prints_the_worked_numbers():
 
 
 def test_seed_walkthrough_json_matches_the_library():
-    out = _cli("explain", "--json")
+    out = run_cli("explain", "--json")
     examples = json.loads(out.stdout)
     by_title = {e["title"].split(":")[0]: e["steps"] for e in examples}
     assert by_title["Credit card"]["log_loss"] == xent.log_loss([1, 0], [[0.3, 0.7], [0.8, 0.2]])
@@ -55,7 +48,7 @@ def test_seed_walkthrough_json_matches_the_library():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_custom_logits_steps_match_torch(reduction):
     logits = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [0.0, 0.0, 0.0]]
-    out = _cli(
+    out = run_cli(
         "explain",
         "--logits",
         json.dumps(logits),
@@ -89,17 +82,17 @@ def test_custom_logits_steps_match_torch(reduction):
 
 
 def test_probabilities_binary_and_errors():
-    out = _cli("explain", "--probs", "[0.1, 0.12, 0.78]", "--target", "2", "--json")
+    out = run_cli("explain", "--probs", "[0.1, 0.12, 0.78]", "--target", "2", "--json")
     assert math.isclose(json.loads(out.stdout)[0]["steps"]["loss"], -math.log(0.78), rel_tol=1e-12)
-    out = _cli("explain", "--binary", "--logits", "[0.0, 2.0]", "--target", "[1, 0]", "--json")
+    out = run_cli("explain", "--binary", "--logits", "[0.0, 2.0]", "--target", "[1, 0]", "--json")
     steps = json.loads(out.stdout)[0]["steps"]
     ref = F.binary_cross_entropy_with_logits(
         torch.tensor([0.0, 2.0]).double(), torch.tensor([1.0, 0.0]).double()
     )
     assert math.isclose(steps["loss"], ref.item(), rel_tol=1e-12)
-    out = _cli("explain", "--logits", "[[1, 2]]", "--target", "[5]")
+    out = run_cli("explain", "--logits", "[[1, 2]]", "--target", "[5]")
     assert out.returncode != 0 and "Target 5 is out of bounds" in out.stderr
-    out = _cli("explain", "--logits", "[[1, 2", "--target", "[0]")
+    out = run_cli("explain", "--logits", "[[1, 2", "--target", "[0]")
     assert out.returncode != 0 and "not a JSON list" in out.stderr
 
 
@@ -113,7 +106,7 @@ def test_steps_are_consistent_in_process():
 
 
 def test_plot_writes_real_figures(tmp_path):
-    out = _cli("plot", "--out", str(tmp_path))
+    out = run_cli("plot", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     for name in plots.FIGURES:
         path = tmp_path / name

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import Counted, torch_linear_cross_entropy
 
 import xent
 
@@ -26,42 +27,6 @@ def _problem(n=29, h=12, v=41, dtype=torch.float64, seed=0, ignore_every=5, bias
     if ignore_every:
         t[::ignore_every] = -100
     return x, w, b, t
-
-
-def _materialised(
-    x,
-    w,
-    b,
-    t,
-    *,
-    weight=None,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    softcap=None,
-    token_weight=None,
-    normalizer=None,
-    ignore_index=-100,
-):
-    """The definition with torch's own functions and all logits in memory."""
-    z = F.linear(x, w, b)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    ce = F.cross_entropy(
-        z, t, weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
-    )
-    valid = t != ignore_index
-    lse = torch.logsumexp(z, 1)
-    per = ce + torch.where(valid, z_loss * lse**2, torch.zeros_like(lse))
-    tw = torch.ones_like(per) if token_weight is None else token_weight
-    per = per * tw
-    if reduction == "none":
-        return per
-    if reduction == "sum":
-        return per.sum()
-    wy = torch.ones_like(per) if weight is None else weight[t.clamp(min=0)]
-    denom = normalizer if normalizer is not None else (tw * wy * valid).sum()
-    return per.sum() / denom
 
 
 def _grads(loss, params, upstream):
@@ -94,7 +59,7 @@ def test_matches_materialised_torch_float64(opts, reduction, chunk):
     ours = xent.linear_cross_entropy(
         x, w, t, linear_bias=b, reduction=reduction, chunk_size=chunk, **kw
     )
-    ref = _materialised(x, w, b, t, reduction=reduction, **kw)
+    ref = torch_linear_cross_entropy(x, w, b, t, reduction=reduction, **kw)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
     up = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
     for g_ours, g_ref in zip(_grads(ours, (x, w, b), up), _grads(ref, (x, w, b), up), strict=True):
@@ -139,7 +104,9 @@ def test_low_precision_within_torchs_own_error(dtype):
     x, w, b = (p.detach().to(dtype).requires_grad_() for p in (x64, w64, b64))
     ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16)
     theirs = F.cross_entropy(F.linear(x, w, b), t)
-    exact = _materialised(*(p.detach().double().requires_grad_() for p in (x, w, b)), t)
+    exact = torch_linear_cross_entropy(
+        *(p.detach().double().requires_grad_() for p in (x, w, b)), t
+    )
     assert ours.dtype == dtype
     floor = (theirs.double() - exact).abs().item()
     assert abs(ours.double() - exact).item() <= floor + 1e-3
@@ -148,7 +115,7 @@ def test_low_precision_within_torchs_own_error(dtype):
     g_theirs = _grads(theirs, (x, w, b), torch.ones((), dtype=dtype))
     xd, wd, bd = (p.detach().double().requires_grad_() for p in (x, w, b))
     g_exact = _grads(
-        _materialised(xd, wd, bd, t), (xd, wd, bd), torch.ones((), dtype=torch.float64)
+        torch_linear_cross_entropy(xd, wd, bd, t), (xd, wd, bd), torch.ones((), dtype=torch.float64)
     )
     for go, gt, ge in zip(g_ours, g_theirs, g_exact, strict=True):
         assert go.dtype == dtype
@@ -161,7 +128,7 @@ def test_chunk_where_every_token_is_ignored_and_all_ignored():
     x, w, b, t = _problem(n=12, ignore_every=0, seed=6)
     t[4:8] = -100  # with chunk_size=4 the second chunk is entirely ignored
     ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4)
-    ref = _materialised(x, w, b, t)
+    ref = torch_linear_cross_entropy(x, w, b, t)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
     for go, gr in zip(_grads(ours, (x, w, b), None), _grads(ref, (x, w, b), None), strict=True):
         torch.testing.assert_close(go, gr, atol=1e-12, rtol=1e-12)
@@ -328,17 +295,21 @@ def test_bf16_tensor_core_path_within_torchs_own_error(monkeypatch, drop_ignored
     # dW, db from bf16 operands into fp32), with the product emulated, on the CPU.
     from xent._engine import policy, walker
 
-    monkeypatch.setattr(walker, "fp32_out_gemms", lambda x: x.dtype == torch.bfloat16)
-    monkeypatch.setattr(walker, "mm_fp32", _emulated_mm_fp32)
-    monkeypatch.setattr(policy, "drop_ignored", lambda t: drop_ignored)
+    patches = {
+        (walker, "fp32_out_gemms"): Counted(lambda x: x.dtype == torch.bfloat16),
+        (walker, "mm_fp32"): Counted(_emulated_mm_fp32),
+        (policy, "drop_ignored"): Counted(lambda t: drop_ignored),
+    }
+    for (module, name), stand_in in patches.items():
+        monkeypatch.setattr(module, name, stand_in)
     x64, w64, b64, t = _problem(n=67, h=32, v=203, seed=6)
     x, w, b = (p.detach().to(torch.bfloat16).requires_grad_() for p in (x64, w64, b64))
     for reduction in ("mean", "none"):
         kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
         ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16, **kw)
-        theirs = _materialised(x, w, b, t, **kw)
+        theirs = torch_linear_cross_entropy(x, w, b, t, **kw)
         xd, wd, bd = (p.detach().double().requires_grad_() for p in (x, w, b))
-        exact = _materialised(xd, wd, bd, t, **kw)
+        exact = torch_linear_cross_entropy(xd, wd, bd, t, **kw)
         assert ours.dtype == torch.bfloat16
         up = torch.ones_like(exact)
         for go, gt, ge in zip(
@@ -352,19 +323,21 @@ def test_bf16_tensor_core_path_within_torchs_own_error(monkeypatch, drop_ignored
             assert (err <= err_floor + 2e-2 * ge.abs().max()).all()
         floor = (theirs.double() - exact).abs()
         assert ((ours.double() - exact).abs() <= floor + 1e-2 * exact.abs() + 1e-3).all()
+    assert all(stand_in.calls for stand_in in patches.values())  # the patched paths ran
 
 
 def test_every_token_computed_when_ignored_ones_are_kept(monkeypatch):
     # While a CUDA graph is captured, ignored tokens go through the products with weight 0.
     from xent._engine import policy
 
-    monkeypatch.setattr(policy, "drop_ignored", lambda t: False)
+    keep_all = Counted(lambda t: False)
+    monkeypatch.setattr(policy, "drop_ignored", keep_all)
     x, w, b, t = _problem(seed=7)
     tw = torch.rand(t.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     for reduction in ("mean", "sum", "none"):
         kw = dict(reduction=reduction, label_smoothing=0.1, token_weight=tw)
         ours = xent.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=7, **kw)
-        ref = _materialised(x, w, b, t, **kw)
+        ref = torch_linear_cross_entropy(x, w, b, t, **kw)
         torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
         up = torch.randn(ours.shape, dtype=torch.float64)
         for g_ours, g_ref in zip(
@@ -375,13 +348,14 @@ def test_every_token_computed_when_ignored_ones_are_kept(monkeypatch):
     ignored = (t == -100)[:, None]
     padded = x.detach().masked_fill(ignored, torch.nan).requires_grad_()
     loss = xent.linear_cross_entropy(padded, w, t, linear_bias=b, chunk_size=7)
-    ref = _materialised(x, w, b, t)
+    ref = torch_linear_cross_entropy(x, w, b, t)
     torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
     g_pad, g_w, g_b = torch.autograd.grad(loss, (padded, w, b))
     r_x, r_w, r_b = torch.autograd.grad(ref, (x, w, b))
     torch.testing.assert_close(g_pad, r_x, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(g_w, r_w, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(g_b, r_b, atol=1e-12, rtol=1e-12)
+    assert keep_all.calls > 0
 
 
 @pytest.mark.parametrize("fp32_accumulate", [True, False])

@@ -173,8 +173,8 @@ def vocab_parallel_linear_cross_entropy(
 
     Every option of :func:`vocab_parallel_cross_entropy` (class weights over the global
     vocabulary, ``softcap``, ``impl``) applies; ``chunk_size`` tokens per chunk, by default as
-    many as fit 48 MiB of fp32 logits of the **global** vocabulary (so every rank walks the
-    same chunks whatever its slice's size); ignored tokens are dropped before the products.
+    for :func:`xent.linear_cross_entropy` with the **global** vocabulary (so every rank walks
+    the same chunks whatever its slice's size); ignored tokens are dropped before the products.
 
     Communication: per chunk of ``n`` tokens an all-reduce MAX of ``n`` and an all-reduce SUM of
     ``2n`` numbers; once per call an all-reduce of the ``N × H`` input gradient.

@@ -87,8 +87,9 @@ def linear_cross_entropy(
         normalizer: denominator of ``"mean"`` instead of the token count: a number or a
             one-element tensor (never read on the host).
         token_weight: optional ``(...)`` per-token weights.
-        chunk_size: tokens per chunk; default: as many as fit 48 MiB of fp32 logits (on CUDA,
-            512 MiB of logits and, for bf16, their bf16 gradient).
+        chunk_size: tokens per chunk; default: at least 1024 tokens within 256 MiB of fp32
+            logits (more if 48 MiB holds more; on CUDA, 512 MiB of logits and, for bf16, their
+            bf16 gradient).
         impl: ``"auto"`` (the chunked path; its logits-to-gradient kernel in Triton on CUDA
             when installed), ``"torch"`` or ``"triton"`` (that kernel chosen explicitly; the
             matrix products are torch's, cuBLAS on GPUs), or ``"reference"`` (materialise the
@@ -103,7 +104,8 @@ def linear_cross_entropy(
     weight's gradient is accumulated in fp32 and rounded once at the end.
 
     Memory: besides the gradients of ``input`` and ``linear_weight`` (the floor), one chunk of
-    fp32 logits; for bf16/fp16 weights also an fp32 accumulator for their gradient.
+    fp32 logits (125 MiB at V = 32 000 by default); for bf16/fp16 weights also an fp32
+    accumulator for their gradient.
 
     Example:
         >>> import torch, xent

@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from xent._engine.dispatch import logprob_backend as _rows
-from xent._engine.dispatch import resolve
+from xent._engine.dispatch import resolve, scale_unless_one_
 from xent._engine.logprob_rows import log_prob_grad_rows, log_prob_rows_parallel
 from xent._engine.options import DivergenceParams, LogProbParams, Transform
 from xent._engine.policy import grad_in_forward, refuse_double_backward
@@ -365,7 +365,7 @@ def _lp_chunk(
     split = fp32_out_gemms(x)
     if chunk is None:
         per_logit = 4 * (2 + int(capped) + int(split)) + (2 if split else 0)
-        chunk = tokens_per_chunk(vocab, x.device, per_logit)
+        chunk = tokens_per_chunk(vocab, x.device, per_logit, min_tokens=1)
     return chunk, max(1, chunk // 2) if entropy else chunk
 
 
@@ -804,8 +804,7 @@ class _Divergence(torch.autograd.Function):
         opts: _DivOpts = ctx.opts
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
-            if not (host_reads_cheap(g) and bool(g == 1)):
-                grad = grad.mul_(g.to(grad.dtype))
+            scale_unless_one_((grad,), g, opts.params.impl)
             return grad, None, None
         xs, xt = ctx.saved_tensors
         coef = _div_coef(opts) * g.to(opts.token_weight.dtype)
@@ -993,7 +992,7 @@ class _LinearDivergence(torch.autograd.Function):
             copied = len(teacher) == 3 or not host_reads_cheap(skip) or bool(skip.any())
             split = fp32_out_gemms(x) and any(need)  # ∂L/∂z in its own bf16 buffer
             per_logit = (6 if split else 4) + (4 if copied else 0)
-            step = tokens_per_chunk(w.shape[0], x.device, per_logit)
+            step = tokens_per_chunk(w.shape[0], x.device, per_logit, min_tokens=1)
         kernel = _DivergenceKernel(opts, teacher, _div_coef(opts) if any(need) else None)
         (per,), gx, gw, gb = linear_walk(
             x, w, b, kernel, num_outputs=1, need=need, skip=skip, chunk_tokens=step
@@ -1011,8 +1010,7 @@ class _LinearDivergence(torch.autograd.Function):
         if ctx.grads is not None:
             gx, gw, gb = ctx.grads
             ctx.grads = None  # hand the buffers over: no copy
-            if not (host_reads_cheap(g) and bool(g == 1)):
-                gx, gw, gb = (None if t is None else t.mul_(g.to(t.dtype)) for t in (gx, gw, gb))
+            scale_unless_one_((gx, gw, gb), g, opts.params.impl)
         else:
             coef = _div_coef(opts) * g.to(opts.token_weight.dtype)
             kernel = _DivergenceKernel(opts, ctx.teacher, coef)
