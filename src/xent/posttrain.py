@@ -33,7 +33,7 @@ from xent._engine.options import DivergenceParams, LogProbParams, Transform
 from xent._engine.policy import grad_in_forward, refuse_double_backward
 from xent._engine.walker import fp32_out_gemms, linear_walk, mm_fp32, tokens_per_chunk
 from xent._numerics import compute_dtype, host_reads_cheap
-from xent._validation import check_tensor_args
+from xent._validation import check_chunk_size, check_tensor_args
 
 DistillReduction = Literal["none", "mean", "sum", "batchmean"]
 DISTILL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
@@ -65,14 +65,6 @@ def _check_positive(name: str, value: float | None, allow_none: bool = False) ->
     if not math.isfinite(v) or v <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v
-
-
-def _check_chunk(chunk_size: int | None) -> int | None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-        raise ValueError(
-            f"chunk_size must be None or a positive number of tokens, got {chunk_size!r}"
-        )
-    return None if chunk_size is None else int(chunk_size)
 
 
 def _inverse_temperature(
@@ -512,7 +504,7 @@ def linear_log_probs(
     _check_target(target, hidden.shape[:-1], vocab, ignore_index)
     scale = _check_positive("logit_scale", logit_scale)
     cap = _check_positive("softcap", softcap, allow_none=True)
-    chunk = _check_chunk(chunk_size)
+    chunk = check_chunk_size(chunk_size)
     cdtype = compute_dtype(hidden.dtype)
     inv_t = _inverse_temperature(temperature, target.shape, hidden.device, cdtype)
     if kind == "reference":
@@ -643,7 +635,7 @@ def vocab_parallel_linear_log_probs(
     _check_head("", hidden, weight, bias)
     scale = _check_positive("logit_scale", logit_scale)
     cap = _check_positive("softcap", softcap, allow_none=True)
-    chunk = _check_chunk(chunk_size)
+    chunk = check_chunk_size(chunk_size)
     _check_target(target, hidden.shape[:-1], 2**62, ignore_index)
     cdtype = compute_dtype(hidden.dtype)
     inv_t = _inverse_temperature(temperature, target.shape, hidden.device, cdtype)
@@ -1147,7 +1139,7 @@ def linear_distill_divergence(
         _check_positive("teacher_logit_scale", teacher_logit_scale),
         _check_positive("teacher_softcap", teacher_softcap, allow_none=True),
     )
-    chunk = _check_chunk(chunk_size)
+    chunk = check_chunk_size(chunk_size)
     cdtype = compute_dtype(student_hidden.dtype)
     batch = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
     opts = _div_opts(
