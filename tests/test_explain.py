@@ -98,6 +98,7 @@ def test_probabilities_binary_and_errors():
 
 def test_steps_are_consistent_in_process():
     steps = explain.explain_cross_entropy(torch.tensor([[2.0, 1.0, 0.1]]), torch.tensor([0]))
+    torch.testing.assert_close(steps["loss by definition (xent.reference)"], steps["loss"])
     torch.testing.assert_close(
         steps["softmax"], steps["exponentials"] / steps["exponentials"].sum()
     )

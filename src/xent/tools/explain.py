@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import xent
+from xent.reference import cross_entropy_reference
 
 Steps = dict[str, Any]
 
@@ -57,6 +58,11 @@ def explain_cross_entropy(
     loss = xent.cross_entropy(
         x, target, weight, ignore_index=ignore_index, label_smoothing=eps, reduction=reduction
     )
+    # The same loss by its plain-PyTorch definition, materialised (xent.reference): the kernel
+    # and the definition side by side.
+    definition = cross_entropy_reference(
+        x.detach(), target, weight, ignore_index, reduction, label_smoothing=eps
+    )
     probs_target = target.dim() == 2
     num_classes = x.shape[1]
     shifted = x - x.amax(dim=1, keepdim=True)
@@ -92,6 +98,7 @@ def explain_cross_entropy(
         "reduction": reduction,
         "denominator": denominator,
         "loss": loss.detach(),
+        "loss by definition (xent.reference)": definition,
         "gradient": gradient,
     }
 
