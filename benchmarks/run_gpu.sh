@@ -52,7 +52,7 @@ p = torch.cuda.get_device_properties(0); \
 print(p.name, p.multi_processor_count, \"SMs\", p.L2_cache_size >> 20, \"MiB L2\")'"
 
 step 150 "CUDA tests" "$py" -m pytest -q -p no:cacheprovider --durations=10 \
-    tests/test_triton.py tests/test_fused.py tests/test_triton_compile.py
+    tests/engine tests/test_fused.py
 
 # Which peers are importable here (a missing one is left out, with a message).
 variants() {

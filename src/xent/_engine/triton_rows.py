@@ -4,7 +4,7 @@ The contract is that of :func:`xent._engine.torch_rows.cross_entropy_pass` (same
 same results), so the dispatcher (:func:`xent._engine.dispatch.row_pass`) switches backends by
 choosing which of the two functions to call. Imported only when ``impl="triton"`` is used; with
 ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (that is how they are tested without a
-GPU; ``tests/test_triton_compile.py`` compiles them for real GPUs ahead of time).
+GPU; ``tests/engine/test_triton_compile.py`` compiles them for real GPUs ahead of time).
 
 **The pass.** A persistent grid: each program walks rows ``pid, pid + P, …``. Per row:
 

@@ -325,7 +325,7 @@ def compiled(tmp_path_factory):
 def test_kernel_compiles_for_gpu(compiled, arch, name, kernel_name, dtype, opts):
     facts = compiled[f"{name}-sm{arch}"]
     if dtype == torch.float8_e4m3fn and arch < 89:
-        # What the launcher refuses with a clear TypeError (see test_triton.py).
+        # What the launcher refuses with a clear TypeError (see test_triton_rows.py).
         assert "fp8e4nv not supported" in facts.get("error", ""), facts
         return
     assert "error" not in facts, facts.get("error")
