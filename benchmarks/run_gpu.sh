@@ -24,11 +24,12 @@ py=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_DEFAULT_FP_FUSION=1
 # torch.compile's artifacts are shared with the memory probes' subprocesses (compiled once).
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/xent-inductor}
+scratch=$(mktemp -d)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$scratch/inductor}
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/xent-peers .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/xent-peers"
+        --target "$scratch/peers" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$scratch/peers"
 else
     echo "no .whl/ folder: Liger-Kernel and cut-cross-entropy are skipped"
 fi
