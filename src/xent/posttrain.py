@@ -33,7 +33,12 @@ from xent._engine.options import DivergenceParams, LogProbParams, Transform
 from xent._engine.policy import grad_in_forward, refuse_double_backward
 from xent._engine.walker import fp32_out_gemms, linear_walk, mm_fp32, tokens_per_chunk
 from xent._numerics import compute_dtype, host_reads_cheap
-from xent._validation import check_chunk_size, check_tensor_args
+from xent._validation import (
+    check_chunk_size,
+    check_normalizer,
+    check_reduction,
+    check_tensor_args,
+)
 
 DistillReduction = Literal["none", "mean", "sum", "batchmean"]
 DISTILL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
@@ -678,29 +683,11 @@ class _DivOpts:
 def _check_distill_args(
     reduction: str, beta: float, normalizer
 ) -> tuple[float, torch.Tensor | float | None]:
-    if reduction not in DISTILL_REDUCTIONS:
-        raise ValueError(
-            f"{reduction!r} is not a valid value for reduction; choose one of "
-            + ", ".join(repr(c) for c in DISTILL_REDUCTIONS)
-        )
+    check_reduction(reduction, DISTILL_REDUCTIONS)
     b = float(beta)
     if not 0.0 <= b <= 1.0:  # NaN fails too
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    if normalizer is None:
-        return b, None
-    if reduction != "mean":
-        raise ValueError(
-            f"normalizer replaces the denominator of reduction='mean'; it cannot be used with "
-            f"reduction={reduction!r}"
-        )
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(
-                f"normalizer must be a number or a one-element tensor, got shape "
-                f"{tuple(normalizer.shape)}"
-            )
-        return b, normalizer.reshape(())
-    return b, _check_positive("normalizer", normalizer)
+    return b, check_normalizer(normalizer, reduction)
 
 
 def _token_mask(
