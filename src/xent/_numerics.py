@@ -125,6 +125,15 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss.mean()
 
 
+def in_dtypes_of(
+    grads: tuple[torch.Tensor | None, ...], likes: tuple[torch.Tensor | None, ...]
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients accumulated in the compute dtype, rounded once to their parameters' dtypes."""
+    return tuple(
+        None if g is None else g.to(like.dtype) for g, like in zip(grads, likes, strict=True)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Large buffers
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from xent._engine.logprob_rows import log_prob_grad_rows, log_prob_rows_parallel
 from xent._engine.options import DivergenceParams, LogProbParams, Transform
 from xent._engine.policy import grad_in_forward, refuse_double_backward
 from xent._engine.walker import fp32_out_gemms, linear_walk, mm_fp32, tokens_per_chunk
-from xent._numerics import compute_dtype, host_reads_cheap
+from xent._numerics import compute_dtype, host_reads_cheap, in_dtypes_of
 from xent._validation import (
     check_chunk_size,
     check_normalizer,
@@ -439,12 +439,7 @@ class _LinearLogProbs(torch.autograd.Function):
             chunk_tokens=opts.chunk_tokens,
             parallel=opts.parallel,
         )
-        return (
-            None if gx is None else gx.to(x.dtype),
-            None if gw is None else gw.to(w.dtype),
-            None if gb is None else gb.to(b.dtype),
-            None,
-        )
+        return (*in_dtypes_of((gx, gw, gb), (x, w, b)), None)
 
 
 def linear_log_probs(
@@ -1003,13 +998,7 @@ class _LinearDivergence(torch.autograd.Function):
                 skip=ctx.skip,
                 chunk_tokens=ctx.step,
             )
-        return (
-            None if gx is None else gx.to(x.dtype),
-            None if gw is None else gw.to(w.dtype),
-            None if gb is None else gb.to(b.dtype),
-            None,
-            None,
-        )
+        return (*in_dtypes_of((gx, gw, gb), (x, w, b)), None, None)
 
 
 def linear_distill_divergence(

@@ -22,6 +22,7 @@ from xent._engine.walker import linear_walk
 from xent._numerics import (
     compute_dtype,
     empty_buffer,
+    in_dtypes_of,
     reduce_rows,
     row_coefficients,
     stable_max,
@@ -347,9 +348,4 @@ class LinearCrossEntropyFn(torch.autograd.Function):
             )
         if scalar:
             dispatch.scale_unless_one_((grad_x, grad_w, grad_b), g, opts.ce.impl)
-        return (
-            None if grad_x is None else grad_x.to(x.dtype),
-            None if grad_w is None else grad_w.to(w.dtype),
-            None if grad_b is None else grad_b.to(b.dtype),
-            None,
-        )
+        return (*in_dtypes_of((grad_x, grad_w, grad_b), (x, w, b)), None)
