@@ -92,7 +92,10 @@ def cross_entropy(
     ``ignore_index`` (class indices) or by the number of elements (probabilities).
 
     Args:
-        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; floating dtype.
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; floating dtype. A DTensor
+            sharded along the classes (``Shard(1)``, class indices only) takes the
+            vocabulary-parallel path (:mod:`xent.distributed`); a replicated one is used as its
+            local tensor.
         target: class indices ``()``, ``(N)`` or ``(N, d1, …, dK)`` with values in ``[0, C)``
             or equal to ``ignore_index``; or probabilities with ``input``'s shape and a floating
             dtype (no check that they sum to 1; differentiable).

@@ -74,7 +74,10 @@ def linear_cross_entropy(
 
     Args:
         input: hidden states ``(..., H)``; fp32, bf16, fp16 or fp64.
-        linear_weight: ``(V, H)``, same dtype as ``input``.
+        linear_weight: ``(V, H)``, same dtype as ``input``. A DTensor sharded along the
+            vocabulary (``Shard(0)``, as ``ColwiseParallel`` shards a head) takes the
+            vocabulary-parallel path (:mod:`xent.distributed`) over its mesh's group; a
+            replicated one is used as its local tensor.
         target: class indices ``(...)`` (the input's shape without ``H``).
         linear_bias: optional ``(V)``.
         weight: optional ``(V)`` class weights.
