@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from xent._engine import dispatch, parallel
-from xent._engine.autograd import LinearCrossEntropyFn, LinearOptions
+from xent._engine import dispatch, parallel, transforms
+from xent._engine.autograd import LinearCrossEntropyFn, LinearCrossEntropySpec, LinearOptions
 from xent._engine.options import CEParams
 from xent._validation import (
     Reduction,
@@ -138,6 +138,8 @@ def linear_cross_entropy(
             linear_bias, _ = parallel.from_dtensor(linear_bias, 0, "linear_bias")
         input = parallel.local_tensor(input, "input")
         target = parallel.local_tensor(target, "target")
+        if vocab_parallel is not None:
+            transforms.refuse("linear_cross_entropy with a vocabulary-sharded weight")
     linear_bias = parallel.local_tensor(linear_bias, "linear_bias")
     kernel = dispatch.resolve(impl, input)
     check_linear_args(input, linear_weight, target, linear_bias, token_weight)
@@ -147,7 +149,9 @@ def linear_cross_entropy(
     z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
     chunk = check_chunk_size(chunk_size)
     flat_target = target.reshape(-1).long()  # int64: no wrap-around against ignore_index
-    check_target_range(flat_target, vocab, ignore_index)
+    functional = transforms.active()  # torch.func: values are checked inside the transforms
+    if not functional:
+        check_target_range(flat_target, vocab, ignore_index)
     if kernel == "reference":
         if vocab_parallel is not None:
             raise ValueError("impl='reference' takes a whole (not vocabulary-sharded) weight")
@@ -165,8 +169,22 @@ def linear_cross_entropy(
             normalizer=norm,
             token_weight=token_weight,
         )
+    ce = CEParams(int(ignore_index), reduction, eps, z_loss, softcap, impl=kernel)
+    if functional:
+        tensor_norm = isinstance(norm, torch.Tensor)
+        (loss,) = transforms.apply(
+            LinearCrossEntropySpec(ce, chunk, None if tensor_norm else norm),
+            input.reshape(-1, input.shape[-1]),
+            linear_weight,
+            linear_bias,
+            flat_target,
+            None if weight is None else weight.detach(),
+            None if token_weight is None else token_weight.detach().reshape(-1),
+            norm if tensor_norm else None,
+        )
+        return loss.reshape(target.shape) if reduction == "none" else loss
     opts = LinearOptions(
-        CEParams(int(ignore_index), reduction, eps, z_loss, softcap, impl=kernel),
+        ce,
         flat_target,
         None if weight is None else weight.detach(),
         None if token_weight is None else token_weight.detach().reshape(-1),

@@ -349,3 +349,74 @@ class LinearCrossEntropyFn(torch.autograd.Function):
         if scalar:
             dispatch.scale_unless_one_((grad_x, grad_w, grad_b), g, opts.ce.impl)
         return (*in_dtypes_of((grad_x, grad_w, grad_b), (x, w, b)), None)
+
+
+@dataclass(frozen=True)
+class LinearCrossEntropySpec:
+    """Linear + cross-entropy under ``torch.func`` transforms (:mod:`xent._engine.transforms`).
+
+    The tensors are ``(x, w, b, target, class_weight, token_weight, normalizer)`` (None where
+    not given; a number normalizer rides here). Same row kernel and walker as
+    :class:`LinearCrossEntropyFn`; the forward forms no gradient, the backward walks again.
+    Forward mode: with ``c_i`` the loss's row coefficients, ``L̇ = Σ_i c_i Σ_v (p_iv − q_iv)
+    ż_iv`` (``∂l_i/∂z_i`` as the row kernel writes it, soft-cap, smoothing and z-loss included)
+    and ``ż = ẋWᵀ + xẆᵀ + ḃ``, chunk by chunk; ``"none"`` keeps the per-row terms.
+    """
+
+    ce: CEParams
+    chunk_tokens: int | None
+    normalizer: float | None
+    name = "linear_cross_entropy"
+    num_diff = 3
+
+    def _setup(self, t):
+        x, w, b, target, class_weight, token_weight, norm = t
+        opts = LinearOptions(
+            self.ce,
+            target,
+            class_weight,
+            token_weight,
+            self.normalizer if norm is None else norm,
+            self.chunk_tokens,
+        )
+        tw, coef, denom = row_coefficients(
+            target,
+            reduction=self.ce.reduction,
+            dtype=compute_dtype(x.dtype),
+            ignore_index=self.ce.ignore_index,
+            class_weight=class_weight,
+            token_weight=token_weight,
+            normalizer=opts.normalizer,
+        )
+        return opts, tw, coef, denom, target == self.ce.ignore_index
+
+    def value(self, t):
+        from xent._validation import check_target_range  # values are readable here
+
+        x, w, b, target = t[:4]
+        check_target_range(target, w.shape[0], self.ce.ignore_index)
+        opts, tw, _, denom, skip = self._setup(t)
+        (loss, _), *_ = _linear_ce_walk(x, w, b, opts, None, (False,) * 3, skip=skip)
+        return (reduce_rows(loss * tw, self.ce.reduction, denom).to(x.dtype),)
+
+    def vjp(self, t, grads, need):
+        x, w, b = t[:3]
+        opts, _, coef, _, skip = self._setup(t)
+        g = grads[0].to(coef.dtype)
+        c = coef * (g.reshape(-1) if self.ce.reduction == "none" else g)
+        _, gx, gw, gb = _linear_ce_walk(x, w, b, opts, c, need, skip=skip)
+        return in_dtypes_of((gx, gw, gb), (x, w, b))
+
+    def jvp(self, t, tangents):
+        from xent._engine.transforms import HeadTangentRows
+
+        x, w, b = t[:3]
+        opts, _, coef, _, skip = self._setup(t)
+        rows = CrossEntropyRows(opts.ce, opts.target, opts.class_weight, coef)
+        kernel = HeadTangentRows(rows, rows.num_outputs, x, w, *tangents)
+        outputs, *_ = linear_walk(
+            x, w, b, kernel, num_outputs=kernel.num_outputs, skip=skip,
+            chunk_tokens=self.chunk_tokens,
+        )  # fmt: skip
+        per_row = outputs[-1]
+        return ((per_row if self.ce.reduction == "none" else per_row.sum()).to(x.dtype),)
