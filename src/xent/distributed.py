@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from xent._engine import dispatch
+from xent._engine import dispatch, transforms
 from xent._engine import parallel as _parallel
 from xent._engine.autograd import LinearCrossEntropyFn, LinearOptions
 from xent._engine.compile import cross_entropy_rows
@@ -118,6 +118,7 @@ def vocab_parallel_cross_entropy(
         tensor(0.2413, grad_fn=<CrossEntropyFnBackward>)
         >>> dist.destroy_process_group()
     """
+    transforms.refuse("vocab_parallel_cross_entropy")
     check_tensor_args(
         vocab_parallel_cross_entropy,
         logits=logits,
@@ -193,6 +194,7 @@ def vocab_parallel_linear_cross_entropy(
         tensor(0.6348)
         >>> dist.destroy_process_group()
     """
+    transforms.refuse("vocab_parallel_linear_cross_entropy")
     check_tensor_args(
         vocab_parallel_linear_cross_entropy,
         input=input,

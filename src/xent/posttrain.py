@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from xent._engine import transforms
 from xent._engine.dispatch import logprob_backend as _rows
 from xent._engine.dispatch import resolve, scale_unless_one_
 from xent._engine.logprob_rows import log_prob_grad_rows, log_prob_rows_parallel
@@ -37,6 +38,7 @@ from xent._validation import (
     check_chunk_size,
     check_normalizer,
     check_reduction,
+    check_target_range,
     check_tensor_args,
 )
 
@@ -94,6 +96,8 @@ def _inverse_temperature(
             f"shape {tuple(shape)} (one temperature per sequence of (B, S) tokens is (B, 1))"
         ) from None
     t = t.reshape(-1)
+    if transforms.active():  # torch.func: checked inside the transform (_check_inv_temp)
+        return 1.0 / t
     bad = ~(torch.isfinite(t) & (t > 0))
     if host_reads_cheap(t):
         if bool(bad.any()):
@@ -116,6 +120,8 @@ def _check_target(target: torch.Tensor, shape: torch.Size, vocab: int, ignore_in
             f"target must have the input's shape without its last dimension, {tuple(shape)}, "
             f"got {tuple(target.shape)}"
         )
+    if transforms.active():  # torch.func: checked inside the transform, on ordinary tensors
+        return
     t = target.long()
     invalid = (t != ignore_index) & ((t < 0) | (t >= vocab))
     if host_reads_cheap(t):
@@ -222,6 +228,80 @@ class _LogProbs(torch.autograd.Function):
         grad = torch.empty_like(x)
         opts.grad(x, slice(None), lse, ent, c_lp, c_ent, grad)
         return grad, None
+
+
+def _check_inv_temp(inv_t: torch.Tensor | float | None) -> None:
+    """The temperature check of :func:`_inverse_temperature`, inside a ``torch.func`` transform."""
+    if isinstance(inv_t, torch.Tensor):
+        bad = ~(torch.isfinite(inv_t) & (inv_t > 0))
+        if bool(bad.any()):
+            bad_t = 1 / inv_t[bad][0].item()
+            raise ValueError(f"temperature must be finite and > 0, got {bad_t!r}")
+
+
+@dataclass(frozen=True)
+class _LogProbsSpec:
+    """:func:`log_probs` under ``torch.func`` transforms (:mod:`xent._engine.transforms`) on
+    ``(x, target, inv_temp)``. Outputs ``(log p, H or (0), top1 as 0/1)``. Forward mode from
+    the backward row kernel: with ``G = ∂log p_i/∂x_i`` (coefficient 1 per counted row),
+    ``(log p)˙_i = Σ_v G_iv ẋ_iv``; the same with the entropy's coefficient for ``Ḣ``."""
+
+    params: LogProbParams
+    inv_temp: float | None  # a number; a per-row tensor is t[2]
+    chunk_tokens: int | None = None
+    name = "log_probs"
+    num_diff = 1
+
+    def opts(self, t) -> _LPOpts:
+        target, inv_t = t[-2], t[-1]
+        inv = self.inv_temp if inv_t is None else inv_t
+        return _LPOpts(self.params, target, inv, self.chunk_tokens)
+
+    def value(self, t):
+        x, target, inv_t = t[0].contiguous(), t[1], t[2]
+        check_target_range(target, x.shape[-1], self.params.ignore_index)
+        _check_inv_temp(inv_t)
+        lp, ent, top, _ = self.opts(t).stats(x)
+        return lp, _or_empty(ent, lp), _or_empty(top, lp)
+
+    def vjp(self, t, grads, need):
+        x = t[0].contiguous()
+        opts = self.opts(t)
+        _, ent, _, lse = opts.stats(x)
+        g_ent = grads[1] if self.params.entropy else None
+        c_lp, c_ent = _upstream(opts, grads[0], g_ent, lse)
+        grad = torch.empty_like(x)
+        opts.grad(x, slice(None), lse, ent, c_lp, c_ent, grad)
+        return (grad,)
+
+    def jvp(self, t, tangents):
+        x, (dx,) = t[0].contiguous(), tangents
+        opts = self.opts(t)
+        lp, ent, top, lse = opts.stats(x)
+        outs = _log_prob_tangents(opts, x, slice(None), lse, ent, lambda _: dx)
+        return (*outs[:1], _or_empty(outs[1], lp), torch.zeros_like(_or_empty(top, lp)))
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(0) if t is None else t
+
+
+def _log_prob_tangents(opts: _LPOpts, z, rows, lse, ent, zdot_of):
+    """``((log p)˙, Ḣ or None)`` of the rows ``rows`` of logits ``z`` (``zdot_of(rows)``: their
+    tangent, or None for zeros), from the backward kernel with unit coefficients."""
+    zdot = zdot_of(rows)
+    if zdot is None:
+        zero = torch.zeros(z.shape[0], dtype=lse.dtype, device=z.device)
+        return zero, (zero if opts.params.entropy else None)
+    one = (opts.target[rows] != opts.params.ignore_index).to(lse.dtype).contiguous()
+    zero = torch.zeros_like(one)
+    grad = torch.empty_like(z)
+    opts.grad(z, rows, lse, None, one, None, grad)
+    d_lp = (grad.to(lse.dtype) * zdot.to(lse.dtype)).sum(-1)
+    if not opts.params.entropy:
+        return d_lp, None
+    opts.grad(z, rows, lse, ent, zero, one, grad)
+    return d_lp, (grad.to(lse.dtype) * zdot.to(lse.dtype)).sum(-1)
 
 
 def _upstream(
@@ -332,6 +412,15 @@ def log_probs(
     params = LogProbParams(
         Transform(scale, cap), int(ignore_index), bool(return_entropy), bool(return_top1), impl=kind
     )
+    if transforms.active():
+        tensor_t = isinstance(inv_t, torch.Tensor)
+        lp, ent, top = transforms.apply(
+            _LogProbsSpec(params, None if tensor_t else inv_t),
+            logits.reshape(-1, vocab),
+            target.reshape(-1).long(),
+            inv_t if tensor_t else None,
+        )
+        return _lp_result(lp, ent, top > 0.5, target.shape, return_entropy, return_top1)
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -442,6 +531,63 @@ class _LinearLogProbs(torch.autograd.Function):
         return (*in_dtypes_of((gx, gw, gb), (x, w, b)), None)
 
 
+class _LogProbTangentKernel:
+    """Walker row kernel of :class:`_LinearLogProbsSpec`'s forward mode: per chunk the
+    statistics, then ``((log p)˙, Ḣ)`` with ``ż = ẋWᵀ + xẆᵀ + ḃ`` (:func:`_log_prob_tangents`)."""
+
+    num_outputs = 2
+
+    def __init__(self, opts: _LPOpts, x, w, dx, dw, db) -> None:
+        cdtype = compute_dtype(x.dtype)
+        self.opts = opts
+        self.zdot_of = lambda rows: transforms.head_tangent(rows, x, w, dx, dw, db, cdtype)
+
+    def __call__(self, z, rows, grad_out):
+        _, ent, _, lse = self.opts.stats(z, rows)
+        d_lp, d_ent = _log_prob_tangents(self.opts, z, rows, lse, ent, self.zdot_of)
+        return d_lp, torch.zeros_like(d_lp) if d_ent is None else d_ent
+
+
+@dataclass(frozen=True)
+class _LinearLogProbsSpec(_LogProbsSpec):
+    """:func:`linear_log_probs` under ``torch.func`` transforms on ``(x, w, b, target,
+    inv_temp)``: the walks of :class:`_LinearLogProbs` (the backward's statistics formed by one
+    more forward walk), and forward mode chunk by chunk (:class:`_LogProbTangentKernel`)."""
+
+    name = "linear_log_probs"
+    num_diff = 3
+
+    def _walk(self, t, kernel, num_outputs, need=(False, False, False)):
+        x, w, b = t[:3]
+        opts = kernel.opts
+        skip = opts.target == opts.params.ignore_index
+        return linear_walk(
+            x, w, b, kernel, num_outputs=num_outputs, need=need, skip=skip,
+            chunk_tokens=self.chunk_tokens,
+        )  # fmt: skip
+
+    def value(self, t):
+        check_target_range(t[3], t[1].shape[0], self.params.ignore_index)
+        _check_inv_temp(t[4])
+        (lp, ent, top, _), *_ = self._walk(t, _LogProbKernel(self.opts(t)), 4)
+        return lp, ent if self.params.entropy else lp.new_zeros(0), top
+
+    def vjp(self, t, grads, need):
+        opts = self.opts(t)
+        (_, ent, _, lse), *_ = self._walk(t, _LogProbKernel(opts), 4)
+        g_ent = grads[1] if self.params.entropy else None
+        c_lp, c_ent = _upstream(opts, grads[0], g_ent, lse)
+        kernel = _LogProbKernel(opts, lse, ent, c_lp, c_ent)
+        _, gx, gw, gb = self._walk(t, kernel, 0, need)
+        return in_dtypes_of((gx, gw, gb), t[:3])
+
+    def jvp(self, t, tangents):
+        x, w = t[:2]
+        kernel = _LogProbTangentKernel(self.opts(t), x, w, *tangents)
+        (d_lp, d_ent), *_ = self._walk(t, kernel, 2)
+        return d_lp, d_ent if self.params.entropy else d_lp.new_zeros(0), torch.zeros_like(d_lp)
+
+
 def linear_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -529,8 +675,19 @@ def linear_log_probs(
         block_rows=block,
         impl=kind,
     )
-    opts = _LPOpts(params, target.reshape(-1).long(), inv_t, chunk)
     x = hidden.reshape(-1, hidden.shape[-1])
+    if transforms.active():
+        tensor_t = isinstance(inv_t, torch.Tensor)
+        lp, ent, top = transforms.apply(
+            _LinearLogProbsSpec(params, None if tensor_t else inv_t, chunk),
+            x,
+            weight,
+            bias,
+            target.reshape(-1).long(),
+            inv_t if tensor_t else None,
+        )
+        return _lp_result(lp, ent, top > 0.5, target.shape, return_entropy, return_top1)
+    opts = _LPOpts(params, target.reshape(-1).long(), inv_t, chunk)
     lp, ent, top = _LinearLogProbs.apply(x, weight, bias, opts)
     return _lp_result(lp, ent, top, target.shape, return_entropy, return_top1)
 
@@ -589,6 +746,7 @@ def vocab_parallel_log_probs(
         tensor([-1.6094])
         >>> dist.destroy_process_group()
     """
+    transforms.refuse("vocab_parallel_log_probs")
     _check_logits("logits", logits)
     scale = _check_positive("logit_scale", logit_scale)
     cap = _check_positive("softcap", softcap, allow_none=True)
@@ -632,6 +790,7 @@ def vocab_parallel_linear_log_probs(
     Per chunk of ``n`` tokens: an all-reduce MAX of ``n`` and a SUM of ``3n`` floats in the
     forward (a second MAX of ``n`` for ``top1``); backward communicates only ``∂hidden``.
     """
+    transforms.refuse("vocab_parallel_linear_log_probs")
     _check_head("", hidden, weight, bias)
     scale = _check_positive("logit_scale", logit_scale)
     cap = _check_positive("softcap", softcap, allow_none=True)
@@ -789,6 +948,64 @@ class _Divergence(torch.autograd.Function):
         return grad, None, None
 
 
+@dataclass(frozen=True)
+class _DivergenceSpec:
+    """:func:`distill_divergence` under ``torch.func`` transforms (:mod:`xent._engine.transforms`)
+    on ``(xs, xt, valid, token_weight, inv_temp, denom)``; the teacher gets no derivative.
+    Forward mode: with ``G`` the row kernel's gradient for the loss's coefficients ``c_i``
+    (``t_i``, or ``t_i / D`` for the means), ``L̇ = Σ_i Σ_v G_iv ẋ_iv`` (per row for ``"none"``)."""
+
+    params: DivergenceParams
+    reduction: str
+    inv_temp: float | None  # a number; a per-row tensor is t[4]
+    chunk_tokens: int | None = None
+    name = "distill_divergence"
+    num_diff = 1
+
+    def opts(self, t) -> _DivOpts:
+        valid, tw, inv_t, denom = t[-4:]
+        inv = self.inv_temp if inv_t is None else inv_t
+        return _DivOpts(self.params, valid, tw, inv, self.reduction, denom, self.chunk_tokens)
+
+    def _rows(self, t, coef, grad):
+        opts = self.opts(t)
+        xs, xt = t[0].contiguous(), t[1].contiguous()
+        return _rows(self.params.impl).divergence_rows(
+            xs, xt, opts.inv_temp, self.params, opts.valid, coef, grad
+        )
+
+    def value(self, t):
+        opts = self.opts(t)
+        _check_inv_temp(t[4])
+        return (_div_reduce(self._rows(t, _div_coef(opts), None), opts),)
+
+    def vjp(self, t, grads, need):
+        opts = self.opts(t)
+        grad = torch.empty_like(t[0], memory_format=torch.contiguous_format)
+        self._rows(t, _div_coef(opts) * grads[0].to(opts.token_weight.dtype), grad)
+        return (grad,)
+
+    def jvp(self, t, tangents):
+        opts, (dx,) = self.opts(t), tangents
+        if dx is None:
+            return (_div_reduce(torch.zeros_like(opts.token_weight), opts),)
+        grad = torch.empty_like(t[0], memory_format=torch.contiguous_format)
+        self._rows(t, _div_coef(opts), grad)
+        per_row = (grad.to(opts.token_weight.dtype) * dx.to(opts.token_weight.dtype)).sum(-1)
+        return (per_row if self.reduction == "none" else per_row.sum(),)
+
+
+def _div_inputs(opts: _DivOpts) -> tuple:
+    """``(valid, token_weight, inv_temp or None, denom)``: the tensors of ``opts`` for
+    :mod:`xent._engine.transforms` (a number temperature rides in the spec)."""
+    inv_t = opts.inv_temp if isinstance(opts.inv_temp, torch.Tensor) else None
+    return opts.valid, opts.token_weight, inv_t, opts.denom
+
+
+def _number(inv_temp: torch.Tensor | float) -> float | None:
+    return None if isinstance(inv_temp, torch.Tensor) else inv_temp
+
+
 def distill_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -912,6 +1129,10 @@ def distill_divergence(
     vocab = student_logits.shape[-1]
     xs = student_logits.reshape(-1, vocab)
     xt = teacher_logits.detach().reshape(-1, vocab)
+    if transforms.active():
+        spec = _DivergenceSpec(opts.params, reduction, _number(opts.inv_temp))
+        (out,) = transforms.apply(spec, xs, xt, *_div_inputs(opts))
+        return out.reshape(shape) if reduction == "none" else out
     xs = xs if xs.stride(-1) == 1 else xs.contiguous()
     xt = xt if xt.stride(-1) == 1 else xt.contiguous()
     out = _Divergence.apply(xs, xt, opts)
@@ -999,6 +1220,51 @@ class _LinearDivergence(torch.autograd.Function):
                 chunk_tokens=ctx.step,
             )
         return (*in_dtypes_of((gx, gw, gb), (x, w, b)), None, None)
+
+
+@dataclass(frozen=True)
+class _LinearDivergenceSpec(_DivergenceSpec):
+    """:func:`linear_distill_divergence` under ``torch.func`` transforms on ``(x, w, b, valid,
+    token_weight, inv_temp, denom, *teacher)`` (the teacher's logits, or its hidden states,
+    weight and bias): the walks of :class:`_LinearDivergence`, and forward mode chunk by chunk
+    through :class:`xent._engine.transforms.HeadTangentRows`."""
+
+    teacher_tensors: int = 1
+    name = "linear_distill_divergence"
+    num_diff = 3
+
+    def opts(self, t) -> _DivOpts:
+        return super().opts(t[: len(t) - self.teacher_tensors])
+
+    def _walk(self, t, coef, need=(False, False, False), tangents=None):
+        opts = self.opts(t)
+        x, w, b = t[:3]
+        kernel = _DivergenceKernel(opts, tuple(t[len(t) - self.teacher_tensors :]), coef)
+        if tangents is not None:
+            kernel = transforms.HeadTangentRows(kernel, 1, x, w, *tangents)
+        step = self.chunk_tokens
+        if step is None:  # a student's and a teacher's chunk of logits
+            step = tokens_per_chunk(w.shape[0], x.device, 8, min_tokens=1)
+        outputs, *grads = linear_walk(
+            x, w, b, kernel, num_outputs=1 if tangents is None else 2, need=need,
+            skip=~opts.valid, chunk_tokens=step,
+        )  # fmt: skip
+        return outputs, grads
+
+    def value(self, t):
+        _check_inv_temp(t[5])
+        (per,), _ = self._walk(t, None)
+        return (_div_reduce(per, self.opts(t)),)
+
+    def vjp(self, t, grads, need):
+        opts = self.opts(t)
+        coef = _div_coef(opts) * grads[0].to(opts.token_weight.dtype)
+        _, (gx, gw, gb) = self._walk(t, coef, need)
+        return in_dtypes_of((gx, gw, gb), t[:3])
+
+    def jvp(self, t, tangents):
+        (_, per_row), _ = self._walk(t, _div_coef(self.opts(t)), tangents=tangents)
+        return (per_row if self.reduction == "none" else per_row.sum(),)
 
 
 def linear_distill_divergence(
@@ -1137,6 +1403,12 @@ def linear_distill_divergence(
         zs = _linear_reference(x, student_weight, student_bias)
         zt = teacher[0] if len(teacher) == 1 else _linear_reference(*teacher)
         out = _divergence_reference(zs, zt, opts)
+    elif transforms.active():
+        spec = _LinearDivergenceSpec(
+            opts.params, reduction, _number(opts.inv_temp), chunk, len(teacher)
+        )
+        tensors = (x, student_weight, student_bias, *_div_inputs(opts), *teacher)
+        (out,) = transforms.apply(spec, *tensors)
     else:
         out = _LinearDivergence.apply(x, student_weight, student_bias, opts, teacher)
     return out.reshape(shape) if reduction == "none" else out

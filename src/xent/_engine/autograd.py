@@ -370,7 +370,7 @@ class LinearCrossEntropySpec:
     num_diff = 3
 
     def _setup(self, t):
-        x, w, b, target, class_weight, token_weight, norm = t
+        x, _, _, target, class_weight, token_weight, norm = t
         opts = LinearOptions(
             self.ce,
             target,

@@ -74,7 +74,8 @@ def _loop(function, info, in_dims, args) -> tuple[tuple, tuple]:
     along a new leading dimension (None outputs stay None)."""
     per_sample = []
     for i in range(info.batch_size):
-        sample = [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims, strict=True)]
+        pairs = zip(args, in_dims, strict=True)
+        sample = [a.select(d, i) if isinstance(d, int) else a for a, d in pairs]
         per_sample.append(function.apply(*sample))
     outs = tuple(
         None if parts[0] is None else torch.stack(parts) for parts in zip(*per_sample, strict=True)
