@@ -110,6 +110,10 @@ def linear_cross_entropy(
     fp32 logits (125 MiB at V = 32 000 by default); for bf16/fp16 weights also an fp32
     accumulator for their gradient.
 
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) it
+    gives what the equivalent PyTorch composition gives; ``vmap`` makes one call per sample
+    (:mod:`xent._engine.transforms`).
+
     Example:
         >>> import torch, xent
         >>> x, w = torch.eye(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -117,6 +121,10 @@ def linear_cross_entropy(
         tensor(0.3133)
         >>> xent.linear_cross_entropy(x, w, torch.tensor([0, 1]), reduction="sum", normalizer=None)
         tensor(0.6265)
+        >>> per_sample = torch.func.vmap(torch.func.grad(
+        ...     lambda w, x, y: xent.linear_cross_entropy(x, w, y)), in_dims=(None, 0, 0))
+        >>> per_sample(w, torch.stack([x, x.flip(0)]), torch.tensor([[0, 1], [1, 0]])).shape
+        torch.Size([2, 2, 3])
     """
     check_tensor_args(
         linear_cross_entropy,

@@ -380,6 +380,10 @@ def log_probs(
     ``torch.log_softmax(u, -1).gather(-1, target[..., None])[..., 0]`` and
     ``-(u.softmax(-1) * u.log_softmax(-1)).sum(-1)``, zeroed on ignored tokens.
 
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) it
+    gives what the equivalent PyTorch composition gives; ``vmap`` makes one call per sample
+    (:mod:`xent._engine.transforms`).
+
     Example:
         >>> import torch, xent
         >>> z = torch.log(torch.tensor([[0.4, 0.4, 0.2], [0.5, 0.25, 0.25]]))
@@ -629,6 +633,10 @@ def linear_log_probs(
     Equals ``xent.log_probs(torch.nn.functional.linear(hidden, weight, bias), target, ...)``.
     Memory besides the gradients: one chunk of fp32 logits and the kernel's scratch, 48 MiB in
     all by default.
+
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) it
+    gives what the equivalent PyTorch composition gives; ``vmap`` makes one call per sample
+    (:mod:`xent._engine.transforms`).
 
     Example:
         >>> import torch, xent
@@ -1071,6 +1079,10 @@ def distill_divergence(
     Equals, for ``β = 0`` and fp32, ``F.kl_div(u.log_softmax(-1), v.log_softmax(-1),
     reduction="none", log_target=True).sum(-1)`` reduced as above.
 
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) it
+    gives what the equivalent PyTorch composition gives; ``vmap`` makes one call per sample
+    (:mod:`xent._engine.transforms`).
+
     Example:
         >>> import torch, xent
         >>> s = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
@@ -1312,6 +1324,10 @@ def linear_distill_divergence(
 
     Returns:
         fp32 (fp64 for fp64): a scalar, or the token shape for ``"none"``.
+
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) it
+    gives what the equivalent PyTorch composition gives; ``vmap`` makes one call per sample
+    (:mod:`xent._engine.transforms`).
 
     Example:
         >>> import torch, xent
