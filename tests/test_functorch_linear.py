@@ -236,6 +236,28 @@ def test_vmap(name):
     _close(vmap(ours, in_dims=dims)(batched[0], *rest), vmap(ref, in_dims=dims)(batched[0], *rest))
 
 
+PER_TOKEN = ["lce_none_token_weight", "log_probs", "log_probs_softcap_temperature",
+             "linear_log_probs", "linear_log_probs_temperature", "distill_kl_none",
+             "linear_distill_logits_none"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PER_TOKEN)
+def test_vmap_per_token_folds_into_rows(name, monkeypatch):
+    """Per-token outputs vmapped over the hidden states (here along dimension 1) are one call
+    on all samples' tokens: the per-sample loop must not run."""
+    from xent._engine import transforms
+
+    def no_loop(*args):
+        raise AssertionError("the per-sample loop ran")
+
+    monkeypatch.setattr(transforms, "_loop", no_loop)
+    ours, ref, _ = CASES[name]
+    args = _inputs(name)
+    xs = torch.stack([_inputs(name, seed=10 * s)[0] for s in range(B)], dim=1)
+    dims = (1, *(None,) * (len(args) - 1))
+    _close(vmap(ours, in_dims=dims)(xs, *args[1:]), vmap(ref, in_dims=dims)(xs, *args[1:]))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_of_grad(name):
     ours, ref, _ = CASES[name]

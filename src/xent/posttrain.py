@@ -257,6 +257,9 @@ class _LogProbsSpec:
         inv = self.inv_temp if inv_t is None else inv_t
         return _LPOpts(self.params, target, inv, self.chunk_tokens)
 
+    def row_inputs(self, t):  # (x, target, inv_temp): all per token
+        return (True, True, True)
+
     def value(self, t):
         x, target, inv_t = t[0].contiguous(), t[1], t[2]
         check_target_range(target, x.shape[-1], self.params.ignore_index)
@@ -569,6 +572,9 @@ class _LinearLogProbsSpec(_LogProbsSpec):
             x, w, b, kernel, num_outputs=num_outputs, need=need, skip=skip,
             chunk_tokens=self.chunk_tokens,
         )  # fmt: skip
+
+    def row_inputs(self, t):  # (x, w, b, target, inv_temp)
+        return (True, False, False, True, True)
 
     def value(self, t):
         check_target_range(t[3], t[1].shape[0], self.params.ignore_index)
@@ -982,6 +988,9 @@ class _DivergenceSpec:
             xs, xt, opts.inv_temp, self.params, opts.valid, coef, grad
         )
 
+    def row_inputs(self, t):  # (xs, xt, valid, token_weight, inv_temp, denom)
+        return (True, True, True, True, True, False) if self.reduction == "none" else None
+
     def value(self, t):
         opts = self.opts(t)
         _check_inv_temp(t[4])
@@ -1262,6 +1271,12 @@ class _LinearDivergenceSpec(_DivergenceSpec):
             skip=~opts.valid, chunk_tokens=step,
         )  # fmt: skip
         return outputs, grads
+
+    def row_inputs(self, t):  # (x, w, b, valid, token_weight, inv_temp, denom, *teacher)
+        if self.reduction != "none":
+            return None
+        teacher = (True,) if self.teacher_tensors == 1 else (True, False, False)
+        return (True, False, False, True, True, True, False, *teacher)
 
     def value(self, t):
         _check_inv_temp(t[5])

@@ -390,6 +390,11 @@ class LinearCrossEntropySpec:
         )
         return opts, tw, coef, denom, target == self.ce.ignore_index
 
+    def row_inputs(self, t):
+        if self.ce.reduction != "none":
+            return None
+        return (True, False, False, True, False, True, False)
+
     def value(self, t):
         from xent._validation import check_target_range  # values are readable here
 

@@ -16,7 +16,10 @@ Each computation is an autograd Function in the ``setup_context`` form whose bat
 call, so a scalar reduction (a mean over a sample's tokens, its own normalizer) stays per
 sample, and every call runs on ordinary tensors, where the walker may still drop ignored tokens
 and the validation may read values. The loop is the correct general rule, not the fastest one:
-``B`` vmapped samples cost ``B`` walks.
+``B`` vmapped samples cost ``B`` walks (Python overhead; the flops are those of one walk over
+all samples, and per-sample weight gradients need their own products anyway). One fast case:
+the forward of per-token outputs (``reduction="none"``, log-probabilities) vmapped over
+per-token inputs only is one call on the ``B·M`` tokens (:func:`_fold`).
 
 ``value``'s Function has ``backward`` (one ``vjp`` call) and ``jvp`` (one ``jvp`` call), so
 ``grad``, ``vjp``, ``jacrev``, ``vmap`` of any of them, ``jvp`` and ``jacfwd`` compose; the
@@ -62,6 +65,12 @@ class Spec(Protocol):
     ) -> Tensors: ...
 
     def jvp(self, t: Tensors, tangents: Tensors) -> tuple[torch.Tensor, ...]: ...
+
+    def row_inputs(self, t: Tensors) -> tuple[bool, ...] | None:
+        """Which tensors of ``t`` are indexed by token along dimension 0, when every output
+        is per token (``(M)``, or ``(0)`` for one not requested); None when an output is a
+        reduction over the tokens."""
+        ...
 
 
 def apply(spec: Spec, *t: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -115,7 +124,30 @@ class _Value(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, spec, *t):
-        return _loop(_Value, info, in_dims, (spec, *t))
+        folded = _fold(spec, info.batch_size, in_dims[1:], t)
+        if folded is None:
+            return _loop(_Value, info, in_dims, (spec, *t))
+        outs = _Value.apply(spec, *folded)
+        outs = tuple(o.reshape(info.batch_size, o.shape[0] // info.batch_size) for o in outs)
+        return outs, (0,) * len(outs)
+
+
+def _fold(spec: Spec, batch: int, in_dims, t: Tensors) -> Tensors | None:
+    """The batching rule's fast case: per-token outputs, and a vmapped dimension only on
+    per-token inputs (hidden states, logits, targets, token weights; not a head or a
+    normalizer). Then the ``B`` samples of ``M`` tokens are one call on ``B·M`` tokens: the
+    per-token inputs are moved (or, when not batched, expanded) to ``(B, M, ...)`` and
+    flattened. Otherwise None (the per-sample loop)."""
+    rows = spec.row_inputs(t)
+    if rows is None or any(d is not None and not r for d, r in zip(in_dims, rows, strict=True)):
+        return None
+    folded = []
+    for a, d, r in zip(t, in_dims, rows, strict=True):
+        if a is not None and r:
+            a = a.movedim(d, 0) if d is not None else a.expand(batch, *a.shape)
+            a = a.reshape(batch * a.shape[1], *a.shape[2:])
+        folded.append(a)
+    return tuple(folded)
 
 
 def _not_twice(ctx, *_):
