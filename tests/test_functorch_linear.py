@@ -302,9 +302,15 @@ def test_jvp(name):
     want_value, want_tangent = jvp(ref, tuple(args), tangents)
     assert want_tangent.abs().sum() > 0
     _close((value, tangent), (want_value, want_tangent))
-    # One tangent only (the others None inside): the hidden states' direction alone.
-    only_x = (tangents[0], *(torch.zeros_like(t) for t in tangents[1:]))
-    _close(jvp(ours, tuple(args), only_x)[1], jvp(ref, tuple(args), only_x)[1])
+    # One input's tangent at a time, the others constants (no tangent at all inside).
+    for i in range(len(args)):
+
+        def only(f, i=i):
+            return lambda a: f(*args[:i], a, *args[i + 1 :])
+
+        _close(
+            jvp(only(ours), (args[i],), (tangents[i],)), jvp(only(ref), (args[i],), (tangents[i],))
+        )
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if len(CASES[n][2]) > 1])
@@ -355,6 +361,55 @@ def test_per_sample_targets_batched():
     torch.testing.assert_close(got[:2], want[:2], **TOL)
     assert torch.isnan(want[2]) and torch.isnan(got[2])  # 0/0, as PyTorch has it
     _close(vmap(grad(ours))(x[:2], y[:2]), vmap(grad(ref))(x[:2], y[:2]))
+
+
+def test_vmap_batched_teacher_and_targets():
+    """Each sample its own teacher (logits, or hidden states), mask and token weights."""
+    zs, zt = _randn(B, N, V, seed=20), _randn(B, N, V, seed=21)
+    mask = torch.stack([MASK, MASK.roll(1), MASK.roll(2)])
+    tw = torch.stack([TOKEN_W, TOKEN_W.flip(0), TOKEN_W.roll(1)])
+
+    def ours(zs, zt, mask, tw):
+        return xent.distill_divergence(zs, zt, mask, beta=0.4, token_weight=tw)
+
+    def ref(zs, zt, mask, tw):
+        return xent.distill_divergence(zs, zt, mask, beta=0.4, token_weight=tw, impl="reference")
+
+    _close(vmap(ours)(zs, zt, mask, tw), vmap(ref)(zs, zt, mask, tw))
+    _close(vmap(grad(ours))(zs, zt, mask, tw), vmap(grad(ref))(zs, zt, mask, tw))
+    x, th = _randn(B, N, H, seed=22), _randn(B, N, 4, seed=23)
+    w = _randn(V, H, seed=24)
+    y = torch.stack([Y, Y.roll(1), Y.roll(2)])
+    for reduction in ("none", "batchmean"):
+
+        def lin(x, th, y, impl="auto", reduction=reduction):
+            return xent.linear_distill_divergence(
+                x, w, y, teacher_hidden=th, teacher_weight=TEACHER_W, reduction=reduction,
+                chunk_size=2, impl=impl,
+            )  # fmt: skip
+
+        def lin_ref(x, th, y):
+            return lin(x, th, y, impl="reference")
+
+        _close(vmap(lin)(x, th, y), vmap(lin_ref)(x, th, y))
+        _close(vmap(grad(_scalar(lin)))(x, th, y), vmap(grad(_scalar(lin_ref)))(x, th, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_grads_match_eager(dtype):
+    """torch.func.grad in fp32 and bf16: the eager path's gradients, in the inputs' dtypes."""
+    x = _randn(N, H, seed=30).to(dtype).requires_grad_()
+    w = _randn(V, H, seed=31).to(dtype).requires_grad_()
+
+    def loss(x, w):
+        return xent.linear_cross_entropy(x, w, Y, label_smoothing=0.1, chunk_size=2)
+
+    loss(x, w).backward()
+    got = grad(loss, argnums=(0, 1))(x.detach(), w.detach())
+    for g, want in zip(got, (x.grad, w.grad), strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, want, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-3)  # fmt: skip
 
 
 def test_module_per_sample_grads():
