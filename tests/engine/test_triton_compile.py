@@ -124,7 +124,7 @@ def _ce_args(
         HAS_WEIGHT=weight,
         HAS_SOFTCAP=softcap,
         SMOOTH=smooth,
-        HAS_LSE=lse,
+        HAS_STATS=lse,
         WRITE_GRAD=grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK=block,
@@ -160,7 +160,7 @@ def _prob_args(dtype, *, weight=False, softcap=False, lse=False, grad=True, qgra
     kwargs = dict(
         HAS_WEIGHT=weight,
         HAS_SOFTCAP=softcap,
-        HAS_LSE=lse,
+        HAS_STATS=lse,
         WRITE_GRAD=grad,
         WRITE_QGRAD=qgrad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
