@@ -258,3 +258,35 @@ def test_vocabulary_slice_gradient_shift_invariant(impl, offset):
     ref = relative_cross_entropy(x64, t, weight=w.double(), label_smoothing=0.1)
     (g_ref,) = torch.autograd.grad(ref, x64, coef.double())
     _check(g, g_ref[:, first : first + width], torch.float32)
+
+
+def _divergence_oracle(ls, lt, beta):
+    """Per-row divergence of float64 log-probabilities (distill_divergence's definition)."""
+    p, q = ls.exp(), lt.exp()
+    if beta == 0.0:
+        return (q * (lt - ls)).sum(1)
+    if beta == 1.0:
+        return (p * (ls - lt)).sum(1)
+    lm = torch.logaddexp(ls + math.log(1.0 - beta), lt + math.log(beta))
+    return beta * (q * (lt - lm)).sum(1) + (1.0 - beta) * (p * (ls - lm)).sum(1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distill_divergence_shift_invariant(impl, offset, beta):
+    # Both distributions' log-probabilities (u - m) - log s, relative to their own max.
+    from xent.posttrain import distill_divergence
+
+    xs = _logits(torch.float32, offset, seed=10).requires_grad_()
+    xt = _logits(torch.float32, offset, seed=11)
+    loss = distill_divergence(xs, xt, beta=beta, reduction="sum", impl=impl)
+    (g,) = torch.autograd.grad(loss, xs)
+    s64 = xs.detach().double().requires_grad_()
+    t64 = xt.double()
+    ls = torch.log_softmax(s64 - s64.detach().amax(1, keepdim=True), 1)
+    lt = torch.log_softmax(t64 - t64.amax(1, keepdim=True), 1)
+    ref = _divergence_oracle(ls, lt, beta).sum()
+    (g_ref,) = torch.autograd.grad(ref, s64)
+    _check(loss, ref.detach(), torch.float32, xs.shape[0])
+    _check(g, g_ref, torch.float32)
