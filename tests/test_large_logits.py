@@ -129,6 +129,21 @@ def test_issue_cases(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_max_logits(impl, dtype):
+    # Half-precision logits keep only (m, log s) and recompute the gradient in backward: at the
+    # dtype's largest logits it is still [-1/2, 1/2, 0], the loss log 2.
+    big = torch.finfo(dtype).max
+    for reduction in ("mean", "none"):
+        x = torch.tensor([[big, big, 0.0]], dtype=dtype, requires_grad=True)
+        loss = xent.cross_entropy(x, torch.tensor([0]), reduction=reduction, impl=impl)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert loss.dtype == dtype
+        assert loss.sum().item() == torch.tensor(math.log(2.0), dtype=dtype).item()
+        assert torch.equal(g, torch.tensor([[-0.5, 0.5, 0.0]], dtype=dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("name", list(OPTIONS))
