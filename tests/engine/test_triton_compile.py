@@ -237,7 +237,7 @@ def _alignment_facts() -> dict:
         HAS_WEIGHT=False,
         HAS_SOFTCAP=False,
         SMOOTH=False,
-        HAS_LSE=False,
+        HAS_STATS=False,
         WRITE_GRAD=True,
         ACC=tl.float32,
         BLOCK=4096,
