@@ -273,3 +273,75 @@ def test_torchrun_example_trains_and_agrees_with_single_process():
     assert "step   3" in out.stdout
     last = out.stdout.strip().splitlines()[-1]
     assert "difference" in last and float(last.rsplit(" ", 1)[1]) < 1e-4
+
+
+# Large logits: the global max, Σ e^{z - m} and the target and smoothing sums relative to it.
+SHIFTS = [(torch.float32, 1e4), (torch.float32, 1e7), (torch.float64, 1e7)]
+SHIFT_OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.2, z_loss=1e-9, weighted=True),
+    dict(label_smoothing=0.1, softcap=4e4),
+]
+
+
+def _shifted_problem(dtype, offset):
+    """``fl(z + c)`` for standard-normal ``z``; the row max falls in either slice."""
+    gen = torch.Generator().manual_seed(8)
+    z = 2.0 * torch.randn(7, V, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, V, (7,), generator=gen)
+    t[2] = -100
+    up = torch.rand(7, generator=gen, dtype=torch.float64)
+    return (z + offset).to(dtype), t, up
+
+
+def _shift_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    start = sum(SPLITS[world][:rank])
+    cols = slice(start, start + SPLITS[world][rank])
+    results = []
+    for dtype, offset in SHIFTS:
+        x, t, up = _shifted_problem(dtype, offset)
+        for opts in map(_options, SHIFT_OPTIONS):
+            opts = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+            for reduction in ("none", "sum"):
+                logits = x[:, cols].clone().requires_grad_()
+                loss = vocab_parallel_cross_entropy(logits, t, reduction=reduction, **opts)
+                g_up = up.to(dtype) if reduction == "none" else None
+                (g,) = torch.autograd.grad(loss, logits, g_up)
+                results.append((loss.detach(), g))
+    torch.save(results, os.path.join(out_dir, f"shift{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_vocab_parallel_large_logits_are_shift_invariant(tmp_path):
+    from oracles import relative_cross_entropy
+
+    world = 2
+    mp.spawn(_shift_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"shift{r}.pt") for r in range(world)]
+    k = 0
+    for dtype, offset in SHIFTS:
+        x, t, up = _shifted_problem(dtype, offset)
+        # Bounds that do not grow with the offset (tests/test_large_logits.py), but for the
+        # z-loss, of the size of lse², and its gradient 2ζ lse p.
+        tol = 5e-6 if dtype == torch.float32 else 1e-14
+        for opts in map(_options, SHIFT_OPTIONS):
+            x64 = x.double().requires_grad_()
+            cap_dtype = dtype if "softcap" in opts else None
+            ref = relative_cross_entropy(x64, t, cap_dtype=cap_dtype, **opts)
+            (g_ref,) = torch.autograd.grad(ref, x64, up, retain_graph=True)
+            (g_sum,) = torch.autograd.grad(ref.sum(), x64)
+            scale = max(1.0, opts.get("z_loss", 0.0) * offset)
+            for reduction in ("none", "sum"):
+                for r in range(world):
+                    loss, g = per_rank[r][k]
+                    cols = slice(sum(SPLITS[world][:r]), sum(SPLITS[world][: r + 1]))
+                    want = ref.detach() if reduction == "none" else ref.detach().sum()
+                    want_g = (g_ref if reduction == "none" else g_sum)[:, cols]
+                    atol = tol * scale * (1 if reduction == "none" else x.shape[0])
+                    torch.testing.assert_close(loss.double(), want, atol=atol, rtol=tol)
+                    torch.testing.assert_close(g.double(), want_g, atol=tol * scale, rtol=tol)
+                k += 1

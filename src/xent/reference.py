@@ -44,8 +44,10 @@ def cross_entropy_per_row(
         z = softcap * torch.tanh(z / softcap)
     num_classes = z.shape[1]
     m = stable_max(z, 1)
-    lse = m + (z - m).exp().sum(dim=1, keepdim=True).log()
-    log_p = z - lse
+    shifted = z - m  # log p = (z - m) - log s: never lse - z, which cancels for large logits
+    log_s = shifted.exp().sum(dim=1, keepdim=True).log()
+    log_p = shifted - log_s
+    lse = m + log_s  # the z-loss only
     w = (
         torch.ones(num_classes, dtype=cdtype, device=z.device)
         if weight is None

@@ -446,9 +446,10 @@ def test_no_classes_follow_torch(reduction):
     params = xent.classification.CEParams(impl="triton")
     q = torch.zeros(3, 0, dtype=torch.float64, device=DEVICE)
     for target in (t, q):
-        loss, lse = triton_ce.cross_entropy_pass_triton(x.detach(), target, None, None, params)
+        loss, m, log_s = triton_ce.cross_entropy_pass_triton(x.detach(), target, None, None, params)
         assert torch.equal(loss, torch.zeros(3, dtype=torch.float64, device=DEVICE))
-        assert torch.equal(lse, torch.full((3,), -torch.inf, dtype=torch.float64, device=DEVICE))
+        assert torch.equal(m, torch.zeros(3, dtype=torch.float64, device=DEVICE))
+        assert torch.equal(log_s, torch.full((3,), -torch.inf, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -532,7 +533,7 @@ def test_unaligned_rows_and_mismatched_gradient_alignment(monkeypatch, offset):
     params = xent.classification.CEParams(label_smoothing=0.1, impl="triton")
     coef = torch.ones(x.shape[0], dtype=torch.float64, device=DEVICE)
     grad = torch.empty(x.shape, dtype=torch.float64, device=DEVICE)
-    loss, _ = triton_ce.cross_entropy_pass_triton(x, t, None, coef, params, grad_out=grad)
+    loss, _, _ = triton_ce.cross_entropy_pass_triton(x, t, None, coef, params, grad_out=grad)
     xr = x.clone().requires_grad_()
     ref = F.cross_entropy(xr, t, reduction="none", label_smoothing=0.1)
     torch.testing.assert_close(loss, ref.detach(), atol=1e-12, rtol=1e-12)
@@ -540,7 +541,7 @@ def test_unaligned_rows_and_mismatched_gradient_alignment(monkeypatch, offset):
     torch.testing.assert_close(grad, g_ref, atol=1e-12, rtol=1e-12)
     x32 = x.float()[:, 1:]  # fp32 rows off alignment, a dense bf16 gradient
     g16 = torch.empty(x32.shape, dtype=torch.bfloat16, device=DEVICE)
-    loss, _ = triton_ce.cross_entropy_pass_triton(
+    loss, _, _ = triton_ce.cross_entropy_pass_triton(
         x32, t.clamp(max=51), None, coef.float(), params, grad_out=g16
     )
     xr = x32.clone().requires_grad_()
@@ -587,7 +588,7 @@ def test_warm_up_runs_the_step_once():
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocabulary_slice_gradient_equals_the_torch_kernel(weighted, reduction):
-    # One rank's slice [first, first + width) of C classes, from the global lse: the Triton kernel
+    # One rank's slice [first, first + width) of C classes, from the global (m, log s): the kernel
     # forms the same gradient as the torch kernel, whose slice is checked against single-process
     # xent on 2 and 3 processes (tests/test_distributed.py), and the same as the columns of the
     # whole-vocabulary gradient.
@@ -609,13 +610,13 @@ def test_vocabulary_slice_gradient_equals_the_torch_kernel(weighted, reduction):
     coef = torch.rand(rows, generator=gen, dtype=torch.float64).to(DEVICE)
     base = CEParams(-100, reduction, 0.1, 1e-2, 4.0)
     whole = torch.empty_like(z)
-    _, lse = cross_entropy_pass(z, t, w, coef, base, grad_out=whole)
+    _, *stats = cross_entropy_pass(z, t, w, coef, base, grad_out=whole)
     sliced = replace(base, class_start=first, num_classes=vocab)
     part = z[:, first : first + width].contiguous()
     g_torch, g_triton = torch.empty_like(part), torch.empty_like(part)
-    cross_entropy_pass(part, t, w, coef, sliced, lse_in=lse, grad_out=g_torch)
+    cross_entropy_pass(part, t, w, coef, sliced, stats_in=stats, grad_out=g_torch)
     triton_ce.cross_entropy_pass_triton(
-        part, t, w, coef, replace(sliced, impl="triton"), lse_in=lse, grad_out=g_triton
+        part, t, w, coef, replace(sliced, impl="triton"), stats_in=stats, grad_out=g_triton
     )
     torch.testing.assert_close(g_torch, whole[:, first : first + width], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(g_triton, g_torch, atol=1e-12, rtol=1e-12)

@@ -3,7 +3,8 @@
 Each Function calls a row kernel (:mod:`xent._engine.rows`) directly on the logits, or through the
 chunk walker (:mod:`xent._engine.walker`) on hidden states. For scalar losses the forward pass
 already forms the gradient and backward only scales it; for ``reduction="none"`` the forward
-keeps the per-row log-sum-exp and backward recomputes from it. A second backward through a
+keeps the per-row statistics ``(m, log s)`` (the row max and ``log Σ_c e^{z_c - m}``, stacked
+as one ``(2, M)`` tensor) and backward recomputes from them. A second backward through a
 retained graph forms the same buffers again by the same arithmetic, so repeated backwards agree
 bit for bit.
 """
@@ -65,8 +66,10 @@ def _closed_form_grad(
         z = params.softcap * t
     else:
         z = xc
-    shifted = z - stable_max(z, 1)
-    log_p = shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+    m = stable_max(z, 1)
+    shifted = z - m  # relative to the max: log p never subtracts lse from a logit
+    log_s = shifted.exp().sum(dim=1, keepdim=True).log()
+    log_p = shifted - log_s
     c = coef[:, None]
     w = _class_weight(weight, xc)
     eps = params.label_smoothing
@@ -85,8 +88,7 @@ def _closed_form_grad(
     p = log_p.exp()
     grad = a - p * a.sum(dim=1, keepdim=True)
     if params.z_loss != 0.0:
-        lse = (z - log_p)[:, :1]  # any column: z_c - log p_c = lse
-        grad = grad + 2.0 * params.z_loss * c * lse * p
+        grad = grad + 2.0 * params.z_loss * c * (m + log_s) * p  # lse = m + log s
     if params.softcap is not None:
         grad = grad * (1.0 - t * t)
     return grad.to(x.dtype), None if grad_q is None else grad_q.to(target.dtype)
@@ -113,7 +115,9 @@ def cross_entropy_forward(
     inplace: bool = False,
     parallel: VocabParallel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(loss, lse, c, ∂L/∂x, ∂L/∂q)``; the gradients only for scalar losses (else None)."""
+    """``(loss, stats, c, ∂L/∂x, ∂L/∂q)``; the gradients only for scalar losses (else None).
+
+    ``stats`` is ``(2, M)``: each row's max ``m`` and ``log s`` (``lse = m + log s``)."""
     if target.dim() == 1:  # checked here, where it is read (inside the compiled operator too)
         check_target_range(
             target, x.shape[1] if parallel is None else parallel.vocab, params.ignore_index
@@ -133,9 +137,9 @@ def cross_entropy_forward(
     if scalar and need_q:
         grad_q = empty_buffer(tuple(target.shape), target)
     rows = CrossEntropyRows(params, target, weight, coef, grad_target=grad_q, parallel=parallel)
-    loss, lse = rows(x, slice(None), grad_x)
+    loss, m, log_s = rows(x, slice(None), grad_x)
     out = reduce_rows(loss, params.reduction, denom)
-    return out.to(x.dtype), lse, coef, grad_x, grad_q
+    return out.to(x.dtype), torch.stack((m, log_s)), coef, grad_x, grad_q
 
 
 def cross_entropy_backward_pass(
@@ -145,13 +149,20 @@ def cross_entropy_backward_pass(
     coef: torch.Tensor,
     params: CEParams,
     grads: tuple[torch.Tensor | None, torch.Tensor | None],
-    lse: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
     parallel: VocabParallel | None = None,
 ) -> None:
-    """Write ``c_i ∂l_i/∂(x, q)`` into ``grads``: from the saved ``lse`` ("none", fp16), or by
-    the forward's own arithmetic (a second backward of a scalar loss)."""
+    """Write ``c_i ∂l_i/∂(x, q)`` into ``grads``: from the saved ``(2, M)`` statistics
+    ``(m, log s)`` ("none", fp16), or by the forward's own arithmetic (a second backward of a
+    scalar loss)."""
     rows = CrossEntropyRows(
-        params, target, weight, coef, lse=lse, grad_target=grads[1], parallel=parallel
+        params,
+        target,
+        weight,
+        coef,
+        stats=None if stats is None else (stats[0], stats[1]),
+        grad_target=grads[1],
+        parallel=parallel,
     )
     rows(x, slice(None), grads[0])
 
@@ -167,17 +178,17 @@ class CrossEntropyFn(torch.autograd.Function):
         # Under torch.no_grad no gradient is needed, whatever the inputs' requires_grad.
         need_x = ctx.needs_input_grad[0] and grad_on
         need_q = ctx.needs_input_grad[1] and grad_on
-        out, lse, coef, grad_x, grad_q = cross_entropy_forward(
+        out, stats, coef, grad_x, grad_q = cross_entropy_forward(
             x, target, weight, params, need_x, need_q, inplace, parallel
         )
         ctx.params, ctx.inplace = params, bool(inplace and grad_x is not None)
         ctx.parallel, ctx.grads = parallel, (grad_x, grad_q)
-        ctx.save_for_backward(None if ctx.inplace else x, target, weight, coef, lse)
+        ctx.save_for_backward(None if ctx.inplace else x, target, weight, coef, stats)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, target, weight, coef, lse = ctx.saved_tensors
+        x, target, weight, coef, stats = ctx.saved_tensors
         params: CEParams = ctx.params
         need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = grad_output.to(coef.dtype)
@@ -195,11 +206,11 @@ class CrossEntropyFn(torch.autograd.Function):
             return (grad_x if need_x else None), grad_q, None, None, None, None, None
         dtype = target.dtype if x is None else x.dtype
         if not policy.grad_in_forward(params.reduction, dtype):
-            # Only the log-sum-exp was kept ("none", or fp16 logits): one more pass forms
-            # c_i g_i ∂l_i/∂x from it, the upstream factor applied before any rounding.
+            # Only the statistics (m, log s) were kept ("none", or fp16 logits): one more pass
+            # forms c_i g_i ∂l_i/∂x from them, the upstream factor applied before any rounding.
             grads = _empty_grads(x, target, need_x, need_q)
             c = coef * (g.reshape(-1) if none else g)
-            cross_entropy_backward_pass(x, target, weight, c, params, grads, lse, ctx.parallel)
+            cross_entropy_backward_pass(x, target, weight, c, params, grads, stats, ctx.parallel)
             return grads[0], grads[1], None, None, None, None, None
         # The forward pass already formed c_i ∂l_i/∂x; hand the buffers over (no copy; they are
         # freed with the result) and apply the upstream factor.
@@ -281,9 +292,9 @@ class LinearOptions:
     parallel: VocabParallel | None = None
 
 
-def _linear_ce_walk(x, w, b, opts: LinearOptions, coef, need, lse=None, skip=None):
+def _linear_ce_walk(x, w, b, opts: LinearOptions, coef, need, stats=None, skip=None):
     rows = CrossEntropyRows(
-        opts.ce, opts.target, opts.class_weight, coef, lse=lse, parallel=opts.parallel
+        opts.ce, opts.target, opts.class_weight, coef, stats=stats, parallel=opts.parallel
     )
     return linear_walk(
         x,
@@ -320,18 +331,18 @@ class LinearCrossEntropyFn(torch.autograd.Function):
         skip = target == ce.ignore_index
         scalar = ce.reduction != "none"
         need = tuple(ctx.needs_input_grad[:3])
-        (loss, lse), grad_x, gw, gb = _linear_ce_walk(
+        (loss, row_max, log_s), grad_x, gw, gb = _linear_ce_walk(
             x, w, b, opts, coef if scalar else None, need, skip=skip
         )
         out = reduce_rows(loss * tw, ce.reduction, denom)  # tw: 0 on ignored tokens
         ctx.opts, ctx.grads, ctx.skip = opts, (grad_x, gw, gb), skip
-        ctx.save_for_backward(x, w, b, coef, lse)
+        ctx.save_for_backward(x, w, b, coef, row_max, log_s)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         policy.refuse_double_backward("linear_cross_entropy")
-        x, w, b, coef, lse = ctx.saved_tensors
+        x, w, b, coef, row_max, log_s = ctx.saved_tensors
         opts: LinearOptions = ctx.opts
         g = grad_out.to(coef.dtype)
         scalar = opts.ce.reduction != "none"
@@ -339,12 +350,12 @@ class LinearCrossEntropyFn(torch.autograd.Function):
         grad_x, grad_w, grad_b = ctx.grads
         ctx.grads = (None, None, None)  # hand the buffers over: no copy
         if not scalar or all(grad is None for grad in (grad_x, grad_w, grad_b)):
-            # "none": recompute the logits chunk by chunk from the saved log-sum-exp. A scalar
+            # "none": recompute the logits chunk by chunk from the saved (m, log s). A scalar
             # loss whose buffers a first backward already consumed (retained graph) forms them
             # again by the forward's own arithmetic, so repeated backwards agree bit for bit.
             c = coef * g.reshape(-1) if not scalar else coef
             _, grad_x, grad_w, grad_b = _linear_ce_walk(
-                x, w, b, opts, c, need, lse=None if scalar else lse, skip=ctx.skip
+                x, w, b, opts, c, need, stats=None if scalar else (row_max, log_s), skip=ctx.skip
             )
         if scalar:
             dispatch.scale_unless_one_((grad_x, grad_w, grad_b), g, opts.ce.impl)

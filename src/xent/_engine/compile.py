@@ -31,7 +31,7 @@ _FWD_SCHEMA = (
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
-    "(Tensor x, Tensor target, Tensor? weight, Tensor lse, Tensor coef, str reduction,"
+    "(Tensor x, Tensor target, Tensor? weight, Tensor stats, Tensor coef, str reduction,"
     " str impl, float[] options, bool[] need) -> (Tensor, Tensor)"
 )
 
@@ -39,12 +39,12 @@ _BWD_SCHEMA = (
 @torch.library.custom_op("xent::cross_entropy_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _cross_entropy_fwd_op(x, target, weight, reduction, impl, options, need):
     params = CEParams.from_options(reduction, impl, options)
-    out, lse, coef, grad_x, grad_q = cross_entropy_forward(
+    out, stats, coef, grad_x, grad_q = cross_entropy_forward(
         x, target, weight, params, need[0], need[1]
     )
     return (
         out,
-        lse,
+        stats,
         coef,
         x.new_empty(0) if grad_x is None else grad_x,  # operators cannot return None
         target.new_empty(0) if grad_q is None else grad_q,
@@ -57,7 +57,7 @@ def _(x, target, weight, reduction, impl, options, need):
     scalar = policy.grad_in_forward(reduction, x.dtype)
     return (
         x.new_empty(() if scalar else (rows,)),
-        x.new_empty((rows,), dtype=cdtype),
+        x.new_empty((2, rows), dtype=cdtype),  # (m, log s)
         x.new_empty((rows,), dtype=cdtype),
         x.new_empty(x.shape if scalar and need[0] else (0,)),
         target.new_empty(target.shape if scalar and need[1] else (0,)),
@@ -65,17 +65,17 @@ def _(x, target, weight, reduction, impl, options, need):
 
 
 @torch.library.custom_op("xent::cross_entropy_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _cross_entropy_bwd_op(x, target, weight, lse, coef, reduction, impl, options, need):
+def _cross_entropy_bwd_op(x, target, weight, stats, coef, reduction, impl, options, need):
     params = CEParams.from_options(reduction, impl, options)
     grad_x = torch.empty_like(x) if need[0] else x.new_empty(0)
     grad_q = torch.empty_like(target) if need[1] else x.new_empty(0)
     grads = (grad_x if need[0] else None, grad_q if need[1] else None)
-    cross_entropy_backward_pass(x, target, weight, coef, params, grads, lse)
+    cross_entropy_backward_pass(x, target, weight, coef, params, grads, stats)
     return grad_x, grad_q
 
 
 @_cross_entropy_bwd_op.register_fake
-def _(x, target, weight, lse, coef, reduction, impl, options, need):
+def _(x, target, weight, stats, coef, reduction, impl, options, need):
     return (
         torch.empty_like(x) if need[0] else x.new_empty(0),
         torch.empty_like(target) if need[1] else x.new_empty(0),
@@ -84,13 +84,13 @@ def _(x, target, weight, lse, coef, reduction, impl, options, need):
 
 def _fwd_setup_context(ctx, inputs, output):
     x, target, weight, reduction, impl, options, need = inputs
-    _, lse, coef, grad_x, grad_q = output
-    ctx.save_for_backward(x, target, weight, lse, coef, grad_x, grad_q)
+    _, stats, coef, grad_x, grad_q = output
+    ctx.save_for_backward(x, target, weight, stats, coef, grad_x, grad_q)
     ctx.reduction, ctx.impl, ctx.options, ctx.need = reduction, impl, options, need
 
 
 def _fwd_backward(ctx, grad_out, *_unused):
-    x, target, weight, lse, coef, grad_x, grad_q = ctx.saved_tensors
+    x, target, weight, stats, coef, grad_x, grad_q = ctx.saved_tensors
     need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if policy.grad_in_forward(ctx.reduction, x.dtype):  # formed in the forward: scale
         g = grad_out.to(coef.dtype)
@@ -107,7 +107,7 @@ def _fwd_backward(ctx, grad_out, *_unused):
         x,
         target,
         weight,
-        lse,
+        stats,
         coef * grad_out.to(coef.dtype),
         ctx.reduction,
         ctx.impl,

@@ -16,11 +16,11 @@ vocabulary),
     l = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c) + ζ lse²  =  A log s - T + ζ lse²,
 
 formed relative to the global max (no cancellation for logits far from 0). The gradient with
-respect to rank ``r``'s slice, ``c (p_j A' - B_j)`` with ``p = e^{z - lse}``, needs nothing that
-rank lacks once ``lse`` is known: it is the single-process row kernel of either backend, run on
-the slice with the global ``lse`` (:attr:`CEParams.sliced`). Backward communicates nothing,
-except the input gradient of the fused version (every rank's slice contributes to it). Logits
-never cross the network.
+respect to rank ``r``'s slice, ``c (p_j A' - B_j)`` with ``p = e^{z - m} / s``, needs nothing
+that rank lacks once ``(m, log s)`` is known: it is the single-process row kernel of either
+backend, run on the slice with the global ``(m, log s)`` (:attr:`CEParams.sliced`). Backward
+communicates nothing, except the input gradient of the fused version (every rank's slice
+contributes to it). Logits never cross the network.
 
 The layout (:class:`VocabParallel`) is gathered and checked once per group and slice size and
 kept: no host read per call once built.
@@ -66,34 +66,37 @@ class VocabParallel:
         weight: torch.Tensor | None,
         coef: torch.Tensor | None,
         params: CEParams,
-        lse: torch.Tensor | None,
+        stats: tuple[torch.Tensor, torch.Tensor] | None,
         grad_out: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cross-entropy row kernel on this rank's slice ``z`` (``(n, size)``).
 
-        Without ``lse``: the global statistics (two all-reduces), the loss and ``lse``; with it
-        (backward's recomputation) nothing is communicated. Then, if ``grad_out``, the backend's
-        one-pass kernel writes the slice's gradient from the global ``lse``.
+        Without ``stats``: the global statistics (two all-reduces), the loss, ``m`` and
+        ``log s``; with them (backward's recomputation) nothing is communicated. Then, if
+        ``grad_out``, the backend's one-pass kernel writes the slice's gradient from the global
+        ``(m, log s)``.
         """
         if z.shape[1] != self.size:
             raise ValueError(
                 f"this rank's logits have {z.shape[1]} classes, but its slice of the "
                 f"vocabulary was laid out with {self.size}"
             )
-        if lse is None:
-            loss, lse = self._statistics(z, target, weight, params)
+        if stats is None:
+            loss, *stats = self._statistics(z, target, weight, params)
         else:
-            loss = torch.zeros_like(lse)
+            loss = torch.zeros_like(stats[0])
         if grad_out is not None:
             sliced = replace(params, class_start=self.start, num_classes=self.vocab)
             if not _SLICED_BACKENDS.get(params.impl, False):
                 sliced = replace(sliced, impl="torch")
-            row_pass(sliced)(z, target, weight, coef, sliced, lse_in=lse, grad_out=grad_out)
-        return loss, lse
+            row_pass(sliced)(
+                z, target, weight, coef, sliced, stats_in=tuple(stats), grad_out=grad_out
+            )
+        return loss, stats[0], stats[1]
 
     def _statistics(
         self, z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: CEParams
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, width = z.shape
         cdtype = compute_dtype(z.dtype)
         eps, zeta, cap = params.label_smoothing, params.z_loss, params.softcap
@@ -133,13 +136,14 @@ class VocabParallel:
         self.all_reduce_sum(sums)
 
         log_s = sums[0].log()
-        lse = m.squeeze(1) + log_s
+        m = m.squeeze(1)
+        lse = m + log_s  # the z-loss only
         w_total = float(self.vocab) if w_full is None else w_full.sum()
         a = (1.0 - eps) * w_y + (eps / self.vocab) * w_total
         loss = a * log_s - sums[1]
         if zeta != 0.0:
             loss = loss + zeta * lse * lse
-        return torch.where(valid, loss, 0.0), lse
+        return torch.where(valid, loss, 0.0), m, log_s
 
 
 _LAYOUTS: dict[tuple, VocabParallel] = {}

@@ -5,16 +5,26 @@ is read from memory once; the max, the exponentials, their sum, the loss and the
 formed while it is still cached, and the gradient is written straight into its final buffer. No
 ``M × C`` temporary exists besides that gradient (and none at all with ``inplace``).
 
-The algebra, per row, with ``z`` the (optionally soft-capped) logits, ``lse = log Σ_c e^{z_c}``,
-``p = e^{z - lse}``, target ``y``, class weights ``w``, smoothing ``ε``, z-loss coefficient ``ζ``:
+The algebra, per row, with ``z`` the (optionally soft-capped) logits, ``m = max_c z_c``,
+``s = Σ_c e^{z_c - m}``, ``lse = m + log s``, ``p = e^{z - m} / s``, target ``y``, class weights
+``w``, smoothing ``ε``, z-loss coefficient ``ζ``:
 
-    loss  l = (1 - ε) w_y (lse - z_y) + (ε/C) (lse Σ_c w_c - Σ_c w_c z_c) + ζ lse²
+    loss  l = (1 - ε) w_y (log s - (z_y - m)) + (ε/C) (log s Σ_c w_c - Σ_c w_c (z_c - m)) + ζ lse²
     grad  ∂l/∂z_j = p_j A - B_j,   A = (1 - ε) w_y + (ε/C) Σ_c w_c + 2ζ lse,
                                    B_j = (1 - ε) w_y [j = y] + (ε/C) w_j
 
 (because ∂lse/∂z_j = p_j). For probability targets ``q' = (1 - ε) q + ε/C`` replaces the two
-target terms: ``l = lse S - Σ_c w_c q'_c z_c + ζ lse²`` with ``S = Σ_c w_c q'_c``, so
-``∂l/∂z_j = p_j (S + 2ζ lse) - w_j q'_j`` and ``∂l/∂q_c = -(1 - ε) w_c (z_c - lse)``.
+target terms: ``l = log s · S - Σ_c w_c q'_c (z_c - m) + ζ lse²`` with ``S = Σ_c w_c q'_c``, so
+``∂l/∂z_j = p_j (S + 2ζ lse) - w_j q'_j`` and ``∂l/∂q_c = -(1 - ε) w_c ((z_c - m) - log s)``.
+
+**Everything relative to the row max.** No term is formed from ``lse`` and a logit: ``lse - z_y``
+would subtract two numbers of the logits' magnitude (at logits near 10⁷ in fp32 the loss would
+keep no correct digit, and at ``[fmax, fmax, 0]`` ``e^{z - lse}`` rounds to 1 for both maxima).
+``z - m`` is formed first (exact when the two are within a factor of 2 of each other, and where
+the large terms live), and ``log s`` and ``z - m`` are both of the size of the loss itself. Only
+the z-loss uses ``lse = m + log s``, where ``lse`` itself is the quantity. The statistics a later
+pass needs are therefore kept as the pair ``(m, log s)``, not as ``lse``: backward forms
+``p = e^{z - m} / s`` with ``s = e^{log s}`` by the forward's own arithmetic.
 Soft-capping ``z = s tanh(x / s)`` multiplies the gradient by ``∂z/∂x = 1 - tanh²(x / s)``.
 A reduction enters as one coefficient per row, ``c_i = ∂L/∂l_i``, known before the pass.
 """
@@ -68,10 +78,10 @@ def cross_entropy_pass(
     row_coef: torch.Tensor | None,
     params: CEParams,
     *,
-    lse_in: torch.Tensor | None = None,
+    stats_in: tuple[torch.Tensor, torch.Tensor] | None = None,
     grad_out: torch.Tensor | None = None,
     grad_target_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunked pass over ``(M, C)`` logits ``x``.
 
     Args:
@@ -81,25 +91,28 @@ def cross_entropy_pass(
         row_coef: ``(M)`` coefficients ``c_i = ∂L/∂l_i`` in the compute dtype (0 on ignored
             rows); required when a gradient is written.
         params: the options.
-        lse_in: ``(M)`` log-sum-exp from an earlier pass; skips computing it again.
+        stats_in: ``(m, log s)``, each ``(M)``, from an earlier pass (the row max, 0 for a row
+            of only ``-inf``, and the log of ``Σ_c e^{z_c - m}``); skips computing them again.
         grad_out: ``(M, C)`` buffer (``x``'s dtype; may be ``x`` itself) that receives
             ``c_i ∂l_i/∂x``; None to compute only loss and log-sum-exp.
         grad_target_out: ``(M, C)`` buffer for ``c_i ∂l_i/∂q`` (probability targets only).
 
     With ``params.sliced`` the logits are one rank's slice of the vocabulary: the pass then
-    forms only the gradient of that slice from the global ``lse_in`` (``A`` with the global
+    forms only the gradient of that slice from the global ``stats_in`` (``A`` with the global
     ``w_y``, ``Σ_c w_c`` and ``C``; ``B_j`` on the slice's columns); its loss output is unused.
 
     Returns:
-        ``(loss, lse)``: per-row losses ``l_i`` (ignored rows 0) and log-sum-exps, both ``(M)`` in
-        the compute dtype (fp32, or fp64 for fp64 logits).
+        ``(loss, m, log_s)``: per-row losses ``l_i`` (ignored rows 0), the row max (the shift;
+        0 for an all ``-inf`` row) and ``log Σ_c e^{z_c - m}``, all ``(M)`` in the compute dtype
+        (fp32, or fp64 for fp64 logits); ``lse = m + log_s``. With ``stats_in`` the last two are
+        the given ones.
     """
     num_rows, width = x.shape
     # A vocabulary slice (params.sliced): these are classes [first, first + width) of C; the
     # class weights and the targets are global. Otherwise first = 0 and C = width.
     num_classes = params.num_classes if params.sliced else width
     first = params.class_start
-    if params.sliced and (lse_in is None or target.dim() == 2):
+    if params.sliced and (stats_in is None or target.dim() == 2):
         raise ValueError("a vocabulary slice needs the global log-sum-exp and class indices")
     cdtype = compute_dtype(x.dtype)
     device = x.device
@@ -112,7 +125,11 @@ def cross_entropy_pass(
     w_row = torch.ones(width, device=device, dtype=cdtype) if w is None else w
 
     loss = torch.empty(num_rows, device=device, dtype=cdtype)
-    lse_all = torch.empty(num_rows, device=device, dtype=cdtype)
+    if stats_in is None:
+        m_all = torch.empty(num_rows, device=device, dtype=cdtype)
+        log_s_all = torch.empty(num_rows, device=device, dtype=cdtype)
+    else:
+        m_all, log_s_all = (t.to(cdtype) for t in stats_in)
     if not probs:
         valid, safe, w_y_all = target_weights(target, w_full, params.ignore_index, cdtype)
         if params.sliced:
@@ -147,12 +164,11 @@ def cross_entropy_pass(
             row_valid = valid[start:stop, None]
             w_y = w_y_all[start:stop, None]
             z_y = z.gather(1, ys)
-            if eps > 0.0:
-                wz = z.sum(dim=1, keepdim=True) if w is None else (z @ w).unsqueeze(1)
-        m = None
-        if lse_in is None:
+        if stats_in is None:
             m = z.amax(dim=1, keepdim=True)
             m = torch.where(m == -torch.inf, torch.zeros_like(m), m)
+        else:
+            m = m_all[start:stop, None]
 
         # e = exp(z - m): m is the row max, so every exponent is ≤ 0 (no overflow) and the largest
         # term is 1 (the sum cannot underflow). An all -inf row is shifted by 0 instead of -inf.
@@ -167,31 +183,34 @@ def cross_entropy_pass(
         # on CPUs with AVX-512 (measured here), which pays for the extra multiply. The difference
         # z - m is formed first, so the max entry is exactly 0 and exp2 of it exactly 1; the
         # rounding of the product adds a relative error of at most |z - m|·2⁻²⁴ to each term.
-        shift = m if m is not None else lse_in[start:stop, None]
-        torch.sub(z, shift, out=e)
+        torch.sub(z, m, out=e)
         if probs:
             # Σ w q' (z - m), relative to the max: the loss log(s)·S - Σ w q' (z - m) then never
             # subtracts two large numbers when the logits are far from 0.
             wz = torch.linalg.vecdot(wq, e, dim=1).unsqueeze(1)
+        elif eps > 0.0:
+            wz = e.sum(dim=1, keepdim=True) if w is None else (e @ w).unsqueeze(1)  # Σ w (z - m)
         e.mul_(LOG2E).exp2_()
-        if m is not None:
+        if stats_in is None:
             s = e.sum(dim=1, keepdim=True)
             log_s = s.log()  # lse - m
-            lse = m + log_s
+            m_all[start:stop] = m.squeeze(1)
+            log_s_all[start:stop] = log_s.squeeze(1)
         else:
-            lse, s, log_s = shift, None, 0.0  # e is already normalised: e = p
-        lse_all[start:stop] = lse.squeeze(1)
+            log_s = log_s_all[start:stop, None]
+            s = log_s.exp()
+        lse = m + log_s  # for the z-loss only, where lse itself is the quantity
 
         if probs:
             row_loss = log_s * big_s - wz
             a_coef = big_s
         else:
             # Ignored rows are zeroed with `where` (their logits may be ±inf; 0·inf is NaN).
-            row_loss = torch.where(row_valid, w_y * (lse - z_y), 0.0)
+            row_loss = torch.where(row_valid, w_y * (log_s - (z_y - m)), 0.0)
             a_coef = (1.0 - eps) * w_y
             if eps > 0.0:
                 ws = w_sum if w is None else w_total
-                smooth = torch.where(row_valid, lse * ws - wz, 0.0)
+                smooth = torch.where(row_valid, log_s * ws - wz, 0.0)
                 row_loss = (1.0 - eps) * row_loss + (eps / num_classes) * smooth
                 a_coef = a_coef + (eps / num_classes) * ws
         if zeta != 0.0:
@@ -203,15 +222,15 @@ def cross_entropy_pass(
         loss[start:stop] = row_loss.squeeze(1)
 
         if grad_target_out is not None:
-            # ∂l/∂q_c = -(1 - ε) w_c (z_c - lse), scaled by the row coefficient.
-            gq = (z - lse).mul_(-(1.0 - eps) * row_coef[start:stop, None])
+            # ∂l/∂q_c = -(1 - ε) w_c ((z_c - m) - log s), scaled by the row coefficient.
+            gq = (z - m).sub_(log_s).mul_(-(1.0 - eps) * row_coef[start:stop, None])
             grad_target_out[start:stop].copy_(gq if w is None else gq.mul_(w))
 
         if gs is None:
             continue
-        # ∂l/∂z_j = p_j A - B_j, times c_i. p_j = e_j / s (or e_j when lse was given).
+        # ∂l/∂z_j = p_j A - B_j, times c_i, with p_j = e_j / s.
         c = row_coef[start:stop, None]
-        scale = c * a_coef if s is None else c * a_coef / s
+        scale = c * a_coef / s
         e.mul_(scale)
         if probs:
             wq.mul_(c)
@@ -227,4 +246,4 @@ def cross_entropy_pass(
             e.mul_(tanh)
         if not direct:
             gs.copy_(e)
-    return loss, lse_all
+    return loss, m_all, log_s_all

@@ -182,6 +182,9 @@ def _logprob_bwd_kernel(
 @triton.jit
 def _online_lse(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, ACC: tl.constexpr,
                 BLOCK: tl.constexpr):  # fmt: skip
+    """``(m, log s)``: the row's max (0 for an all -inf row) and ``log Σ e^{u - m}``. Kept apart
+    (not as ``lse = m + log s``) so that ``log p = (u - m) - log s`` never subtracts two numbers
+    of the logits' size."""
     m = tl.full((), float("-inf"), ACC)
     shift = tl.zeros((), ACC)
     s = tl.zeros((), ACC)
@@ -195,7 +198,7 @@ def _online_lse(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, ACC: tl.cons
         new_shift = tl.where(m == float("-inf"), 0.0, m)
         s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(u - new_shift), axis=0)
         shift = new_shift
-    return shift + tl.log(s)
+    return shift, tl.log(s)
 
 
 @triton.jit
@@ -247,8 +250,8 @@ def _divergence_kernel(
         valid = tl.load(VALID + row) != 0
     s_row = XS + row * stride_s
     t_row = XT + row * stride_t
-    lse_s = _online_lse(s_row, V, s_scale, s_cap, inv_t, S_CAP, ACC, BLOCK)
-    lse_t = _online_lse(t_row, V, t_scale, t_cap, inv_t, T_CAP, ACC, BLOCK)
+    m_s, log_s_s = _online_lse(s_row, V, s_scale, s_cap, inv_t, S_CAP, ACC, BLOCK)
+    m_t, log_s_t = _online_lse(t_row, V, t_scale, t_cap, inv_t, T_CAP, ACC, BLOCK)
     c = tl.zeros((), ACC)
     g_row = G
     if WRITE_GRAD:
@@ -265,8 +268,8 @@ def _divergence_kernel(
                             inv_t, S_CAP)  # fmt: skip
         ut, _t = _transform(tl.load(t_row + cols, mask=mask, other=0.0).to(ACC), t_scale, t_cap,
                             inv_t, T_CAP)  # fmt: skip
-        ls = tl.where(mask, us - lse_s, float("-inf"))
-        lt = tl.where(mask, ut - lse_t, float("-inf"))
+        ls = tl.where(mask, (us - m_s) - log_s_s, float("-inf"))
+        lt = tl.where(mask, (ut - m_t) - log_s_t, float("-inf"))
         p = tl.exp(ls)
         q = tl.exp(lt)
         if MODE == 0:
@@ -302,8 +305,8 @@ def _divergence_kernel(
                                 s_cap, inv_t, S_CAP)  # fmt: skip
             ut, _t = _transform(tl.load(t_row + cols, mask=mask, other=0.0).to(ACC), t_scale,
                                 t_cap, inv_t, T_CAP)  # fmt: skip
-            ls = us - lse_s
-            lt = ut - lse_t
+            ls = (us - m_s) - log_s_s
+            lt = (ut - m_t) - log_s_t
             p = tl.exp(ls)
             if MODE == 1:
                 lr = lt

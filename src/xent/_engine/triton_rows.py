@@ -10,9 +10,15 @@ GPU; ``tests/engine/test_triton_compile.py`` compiles them for real GPUs ahead o
 
 * pass 1, block by block: the running max ``m`` and the sum of exponentials rescaled whenever
   the max grows (``s ← s·e^{m_old - m_new} + Σ e^{z - m_new}``: an *online* log-sum-exp, so the row
-  is never held whole), the target logit and, for label smoothing, ``Σ_c w_c z_c``;
-* pass 2 (only when a gradient is wanted): ``∂l/∂z_j = c (p_j A - B_j)`` with ``p = e^{z - lse}``,
-  written in the output dtype, straight over the logits if asked (in place).
+  is never held whole), the target logit and, for label smoothing, ``Σ_c w_c (z_c - m)``, moved
+  to each new max as it grows (``+ (m_old - m_new) Σ_{c seen} w_c``; every term is ``≤ 0``, so
+  nothing cancels);
+* pass 2 (only when a gradient is wanted): ``∂l/∂z_j = c (p_j A - B_j)`` with
+  ``p = e^{z - m} / s``, written in the output dtype, straight over the logits if asked (in place).
+
+Every loss and gradient is formed relative to the row max (``l = (1 - ε) w_y (log s - (z_y - m))
++ …``), never as ``lse - z_y``, which cancels for logits far from 0; the statistics kept for a
+later pass are ``(m, log s)``, not ``lse`` (see :mod:`xent._engine.torch_rows`).
 
 Probability targets (a second ``M × C`` input ``q``) have their own kernel of the same shape,
 which also writes ``∂l/∂q`` when the target requires a gradient. The algebra (``A``, ``B``,
@@ -57,8 +63,9 @@ one dtype); otherwise their accesses are scalar (still coalesced).
 naming the argument otherwise: a CPU class weight is *not* copied per call, which would wait
 for the host and break CUDA-graph capture; move it once with ``weight.to(logits.device)``).
 Offsets are int64 (``row * stride`` overflows int32 past 2³¹ elements), the grid never exceeds
-:data:`GRID_LIMIT` programs whatever the number of rows, ``V = 0`` returns a zero loss and
-``lse = -inf`` without launching, and float8-e4m3 logits on GPUs before sm_89 raise a TypeError.
+:data:`GRID_LIMIT` programs whatever the number of rows, ``V = 0`` returns a zero loss,
+``m = 0`` and ``log s = -inf`` without launching, and float8-e4m3 logits on GPUs before sm_89
+raise a TypeError.
 Nothing is read back to the host, so a launch can be captured in a CUDA graph; compile the
 variants before capturing, with :func:`warm_up`.
 """
@@ -149,9 +156,10 @@ def _online_lse(z, m, s):
 
 @triton.jit
 def _ce_stats_block(
-    x_ptr, w_ptr, mask, m, s, wz, softcap, MASKED, HAS_WEIGHT, HAS_SOFTCAP, SMOOTH, ACC
+    x_ptr, w_ptr, mask, m, s, wz, w_seen, softcap, MASKED, HAS_WEIGHT, HAS_SOFTCAP, SMOOTH, ACC
 ):
-    """Pass 1 on one block: ``m``, ``s`` and (smoothing) ``Σ w_c z_c``."""
+    """Pass 1 on one block: ``m``, ``s`` and (smoothing) ``Σ w_c (z_c - m)`` over the columns
+    seen so far, with ``Σ w_c`` over them (to move the sum to a new max)."""
     if MASKED:
         z = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
     else:
@@ -160,18 +168,24 @@ def _ce_stats_block(
         z = softcap * _tanh(z / softcap)
     if MASKED:
         z = tl.where(mask, z, float("-inf"))  # lanes past the row end take no part
+    old_shift = tl.where(m == float("-inf"), 0.0, m)
     m, s = _online_lse(z, m, s)
     if SMOOTH:
-        z_in = z
-        if MASKED:
-            z_in = tl.where(mask, z, 0.0)
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        d = z - shift
+        wv = tl.full(z.shape, 1.0, ACC)
         if HAS_WEIGHT:
             if MASKED:
-                z_in *= tl.load(w_ptr, mask=mask, other=0.0).to(ACC)
+                wv = tl.load(w_ptr, mask=mask, other=0.0).to(ACC)
             else:
-                z_in *= tl.load(w_ptr).to(ACC)
-        wz += tl.sum(z_in, axis=0)
-    return m, s, wz
+                wv = tl.load(w_ptr).to(ACC)
+        if MASKED:
+            d = tl.where(mask, d, 0.0)
+            wv = tl.where(mask, wv, 0.0)
+        # The earlier columns move from the old max to the new one: both terms are ≤ 0.
+        wz = wz + (old_shift - shift) * w_seen + tl.sum(d * wv, axis=0)
+        w_seen += tl.sum(wv, axis=0)
+    return m, s, wz, w_seen
 
 
 @triton.jit
@@ -185,7 +199,7 @@ def _ce_grad_block(
     a,
     b_y,
     b_eps,
-    lse,
+    shift,
     softcap,
     MASKED,
     HAS_WEIGHT,
@@ -193,7 +207,8 @@ def _ce_grad_block(
     SMOOTH,
     ACC,
 ):
-    """Pass 2 on one block: ``∂l/∂x = (p A - B) (∂z/∂x)`` times the row coefficient."""
+    """Pass 2 on one block: ``∂l/∂x = (p A - B) (∂z/∂x)`` times the row coefficient, with
+    ``p A = e^{z - m} (A / s)`` (``shift`` is ``m``; ``a`` is ``c A / s``)."""
     if MASKED:
         x = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
     else:
@@ -203,7 +218,7 @@ def _ce_grad_block(
         z = softcap * t
     else:
         z = x
-    g = tl.exp(z - lse) * a
+    g = tl.exp(z - shift) * a
     g -= tl.where(cols == y_safe, b_y, 0.0)
     if SMOOTH:
         if HAS_WEIGHT:
@@ -237,7 +252,7 @@ def _ce_grad_row(
     a,
     b_y,
     b_eps,
-    lse,
+    shift,
     softcap,
     HAS_WEIGHT,
     HAS_SOFTCAP,
@@ -262,7 +277,7 @@ def _ce_grad_row(
         a,
         b_y,
         b_eps,
-        lse,
+        shift,
         softcap,
         True,
         HAS_WEIGHT,
@@ -281,7 +296,7 @@ def _ce_grad_row(
         a,
         b_y,
         b_eps,
-        lse,
+        shift,
         softcap,
         True,
         HAS_WEIGHT,
@@ -301,7 +316,7 @@ def _ce_grad_row(
             a,
             b_y,
             b_eps,
-            lse,
+            shift,
             softcap,
             False,
             HAS_WEIGHT,
@@ -319,7 +334,7 @@ def _ce_grad_row(
         a,
         b_y,
         b_eps,
-        lse,
+        shift,
         softcap,
         True,
         HAS_WEIGHT,
@@ -347,8 +362,8 @@ def _ce_grad_row(
         "W_SUM",
         "COEF",
         "LOSS",
-        "LSE",
-        "LSE_IN",
+        "MX",
+        "LS",
         "G",
         "OPTS",
     ],
@@ -362,8 +377,8 @@ def _ce_row_kernel(
     W_SUM,
     COEF,
     LOSS,
-    LSE,
-    LSE_IN,
+    MX,
+    LS,
     G,
     stride_g,
     OPTS,
@@ -375,12 +390,14 @@ def _ce_row_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     SMOOTH: tl.constexpr,
-    HAS_LSE: tl.constexpr,
+    HAS_STATS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     HEAD: tl.constexpr,
 ):
+    """Index targets. ``MX`` and ``LS`` hold each row's ``m`` (the max, 0 for an all ``-inf``
+    row) and ``log s``: written here, or read with ``HAS_STATS`` (a recomputing backward)."""
     eps = tl.load(OPTS).to(ACC)
     zeta = tl.load(OPTS + 1).to(ACC)
     softcap = tl.load(OPTS + 2).to(ACC)
@@ -416,19 +433,23 @@ def _ce_row_kernel(
             w_sum = tl.load(W_SUM).to(ACC)
         w_y = tl.where(valid, w_y, 0.0)
 
-        if HAS_LSE:
-            lse = tl.load(LSE_IN + row).to(ACC)
+        if HAS_STATS:
+            shift = tl.load(MX + row).to(ACC)
+            log_s = tl.load(LS + row).to(ACC)
+            s = tl.exp(log_s)
         else:
             m = tl.full((), float("-inf"), ACC)
             s = tl.zeros((), ACC)
             wz = tl.zeros((), ACC)
-            m, s, wz = _ce_stats_block(
+            w_seen = tl.zeros((), ACC)
+            m, s, wz, w_seen = _ce_stats_block(
                 x_row + hc,
                 W + hc,
                 hc < head,
                 m,
                 s,
                 wz,
+                w_seen,
                 softcap,
                 True,
                 HAS_WEIGHT,
@@ -437,13 +458,14 @@ def _ce_row_kernel(
                 ACC,
             )
             for start in range(0, n_full * BLOCK, BLOCK):
-                m, s, wz = _ce_stats_block(
+                m, s, wz, w_seen = _ce_stats_block(
                     xa + start + offs,
                     W + head + start + offs,
                     None,
                     m,
                     s,
                     wz,
+                    w_seen,
                     softcap,
                     False,
                     HAS_WEIGHT,
@@ -452,13 +474,14 @@ def _ce_row_kernel(
                     ACC,
                 )
             rel = n_full * BLOCK + offs
-            m, s, wz = _ce_stats_block(
+            m, s, wz, w_seen = _ce_stats_block(
                 xa + rel,
                 W + head + rel,
                 rel < vend,
                 m,
                 s,
                 wz,
+                w_seen,
                 softcap,
                 True,
                 HAS_WEIGHT,
@@ -467,13 +490,14 @@ def _ce_row_kernel(
                 ACC,
             )
             cols = head + vend + hc
-            m, s, wz = _ce_stats_block(
+            m, s, wz, w_seen = _ce_stats_block(
                 x_row + cols,
                 W + cols,
                 cols < V,
                 m,
                 s,
                 wz,
+                w_seen,
                 softcap,
                 True,
                 HAS_WEIGHT,
@@ -481,18 +505,23 @@ def _ce_row_kernel(
                 SMOOTH,
                 ACC,
             )
-            lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-            loss = (1.0 - eps) * w_y * (lse - z_y) + zeta * lse * lse
+            shift = tl.where(m == float("-inf"), 0.0, m)
+            log_s = tl.log(s)
+            lse = shift + log_s  # the z-loss only
+            # Relative to the max: log s - (z_y - m), never lse - z_y (which cancels).
+            loss = (1.0 - eps) * w_y * (log_s - (z_y - shift)) + zeta * lse * lse
             if SMOOTH:
-                loss += (eps / n_classes) * (lse * w_sum - wz)
+                loss += (eps / n_classes) * (log_s * w_sum - wz)
             tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-            tl.store(LSE + row, lse)
+            tl.store(MX + row, shift)
+            tl.store(LS + row, log_s)
 
         if WRITE_GRAD:
             c = tl.load(COEF + row).to(ACC)
-            a = c * ((1.0 - eps) * w_y + zeta * 2.0 * lse)
+            a = c * ((1.0 - eps) * w_y + zeta * 2.0 * (shift + log_s))
             if SMOOTH:
                 a += c * (eps / n_classes) * w_sum
+            a = a / s  # p A = e^{z - m} (A / s)
             b_y = tl.where(mine, c * (1.0 - eps) * w_y, 0.0)
             b_eps = c * (eps / n_classes)
             g_row = G + row * stride_g
@@ -513,7 +542,7 @@ def _ce_row_kernel(
                     a,
                     b_y,
                     b_eps,
-                    lse,
+                    shift,
                     softcap,
                     HAS_WEIGHT,
                     HAS_SOFTCAP,
@@ -537,7 +566,7 @@ def _ce_row_kernel(
                     a,
                     b_y,
                     b_eps,
-                    lse,
+                    shift,
                     softcap,
                     HAS_WEIGHT,
                     HAS_SOFTCAP,
@@ -565,7 +594,7 @@ def _prob_stats_block(
     MASKED,
     HAS_WEIGHT,
     HAS_SOFTCAP,
-    HAS_LSE,
+    HAS_STATS,
     ACC,
 ):
     """Pass 1 of the probability kernel on one block (see :func:`_ce_prob_row_kernel`)."""
@@ -581,7 +610,7 @@ def _prob_stats_block(
             wq *= tl.load(w_ptr).to(ACC)
     if MASKED:
         wq = tl.where(mask, wq, 0.0)
-    if not HAS_LSE:
+    if not HAS_STATS:
         if MASKED:
             z = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
         else:
@@ -614,7 +643,8 @@ def _prob_grad_block(
     c,
     eps,
     eps_v,
-    lse,
+    shift,
+    log_s,
     softcap,
     MASKED,
     HAS_WEIGHT,
@@ -623,7 +653,9 @@ def _prob_grad_block(
     WRITE_QGRAD,
     ACC,
 ):
-    """Pass 2 of the probability kernel on one block: ``∂l/∂x`` and ``∂l/∂q``."""
+    """Pass 2 of the probability kernel on one block: ``∂l/∂x`` and ``∂l/∂q``, relative to the
+    max (``shift``): ``p A = e^{z - m} (A / s)`` (``a`` is ``c A / s``) and
+    ``z - lse = (z - m) - log s``."""
     if MASKED:
         x = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
     else:
@@ -640,7 +672,7 @@ def _prob_grad_block(
         else:
             w = tl.load(w_ptr).to(ACC)
     if WRITE_QGRAD:
-        gq = (-(1.0 - eps) * c * w * (z - lse)).to(gq_ptr.dtype.element_ty)
+        gq = (-(1.0 - eps) * c * w * ((z - shift) - log_s)).to(gq_ptr.dtype.element_ty)
         if MASKED:
             tl.store(gq_ptr, gq, mask=mask, eviction_policy="evict_first")
         else:
@@ -650,7 +682,7 @@ def _prob_grad_block(
             q = tl.load(q_ptr, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
         else:
             q = tl.load(q_ptr, eviction_policy="evict_first").to(ACC)
-        g = tl.exp(z - lse) * a - c * w * (q * (1.0 - eps) + eps_v)
+        g = tl.exp(z - shift) * a - c * w * (q * (1.0 - eps) + eps_v)
         if HAS_SOFTCAP:
             g *= 1.0 - t * t
         g = g.to(g_ptr.dtype.element_ty)
@@ -669,18 +701,20 @@ def _prob_row(
     W,
     V,
     head,
-    lse_in,
+    shift_in,
+    log_s_in,
     eps,
     zeta,
     softcap,
     LOSS,
-    LSE,
+    MX,
+    LS,
     row,
     COEF,
     HINT: tl.constexpr,
     HAS_WEIGHT,
     HAS_SOFTCAP,
-    HAS_LSE,
+    HAS_STATS,
     WRITE_GRAD,
     WRITE_QGRAD,
     ACC,
@@ -704,7 +738,7 @@ def _prob_row(
         qa, ga, gqa = q_row + head, g_row + head, gq_row + head
     wa = W + head
 
-    # Pass 1: S always (it enters the gradient); unless lse is given, the running max m, the
+    # Pass 1: S always (it enters the gradient); unless (m, log s) are given, the running max m, the
     # sum s = Σ e^{z - m} and Σ w q' (z - m), kept relative to the running max so that the loss
     # log(s)·S - Σ w q' (z - m) never subtracts two large numbers (logits far from 0).
     big_s = tl.zeros((), ACC)
@@ -728,7 +762,7 @@ def _prob_row(
         True,
         HAS_WEIGHT,
         HAS_SOFTCAP,
-        HAS_LSE,
+        HAS_STATS,
         ACC,
     )
     for start in range(0, n_full * BLOCK, BLOCK):
@@ -748,7 +782,7 @@ def _prob_row(
             False,
             HAS_WEIGHT,
             HAS_SOFTCAP,
-            HAS_LSE,
+            HAS_STATS,
             ACC,
         )
     rel = n_full * BLOCK + offs
@@ -768,7 +802,7 @@ def _prob_row(
         True,
         HAS_WEIGHT,
         HAS_SOFTCAP,
-        HAS_LSE,
+        HAS_STATS,
         ACC,
     )
     cols = head + vend + hc
@@ -788,20 +822,23 @@ def _prob_row(
         True,
         HAS_WEIGHT,
         HAS_SOFTCAP,
-        HAS_LSE,
+        HAS_STATS,
         ACC,
     )
-    if HAS_LSE:
-        lse = lse_in
+    if HAS_STATS:
+        shift = shift_in
+        log_s = log_s_in
+        s = tl.exp(log_s)
     else:
         log_s = tl.log(s)  # lse - shift
-        lse = shift + log_s
+        lse = shift + log_s  # the z-loss only
         tl.store(LOSS + row, log_s * big_s - wqz + zeta * lse * lse)
-        tl.store(LSE + row, lse)
+        tl.store(MX + row, shift)
+        tl.store(LS + row, log_s)
 
     if WRITE_GRAD or WRITE_QGRAD:
         c = tl.load(COEF + row).to(ACC)
-        a = c * (big_s + zeta * 2.0 * lse)
+        a = c * (big_s + zeta * 2.0 * (shift + log_s)) / s
         _prob_grad_block(
             x_row + cols,
             q_row + cols,
@@ -813,7 +850,8 @@ def _prob_row(
             c,
             eps,
             eps_v,
-            lse,
+            shift,
+            log_s,
             softcap,
             True,
             HAS_WEIGHT,
@@ -834,7 +872,8 @@ def _prob_row(
             c,
             eps,
             eps_v,
-            lse,
+            shift,
+            log_s,
             softcap,
             True,
             HAS_WEIGHT,
@@ -856,7 +895,8 @@ def _prob_row(
                 c,
                 eps,
                 eps_v,
-                lse,
+                shift,
+                log_s,
                 softcap,
                 False,
                 HAS_WEIGHT,
@@ -876,7 +916,8 @@ def _prob_row(
             c,
             eps,
             eps_v,
-            lse,
+            shift,
+            log_s,
             softcap,
             True,
             HAS_WEIGHT,
@@ -895,8 +936,8 @@ def _prob_row(
         "W",
         "COEF",
         "LOSS",
-        "LSE",
-        "LSE_IN",
+        "MX",
+        "LS",
         "G",
         "GQ",
         "OPTS",
@@ -910,8 +951,8 @@ def _ce_prob_row_kernel(
     W,
     COEF,
     LOSS,
-    LSE,
-    LSE_IN,
+    MX,
+    LS,
     G,
     stride_g,
     GQ,
@@ -921,7 +962,7 @@ def _ce_prob_row_kernel(
     V,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_LSE: tl.constexpr,
+    HAS_STATS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     WRITE_QGRAD: tl.constexpr,
     ACC: tl.constexpr,
@@ -930,8 +971,9 @@ def _ce_prob_row_kernel(
 ):
     """Probability targets ``q``: with ``q' = (1 - ε) q + ε/V`` and ``S = Σ_c w_c q'_c``,
 
-    ``l = lse·S - Σ_c w_c q'_c z_c + ζ lse²``, ``∂l/∂z_j = p_j (S + 2ζ lse) - w_j q'_j`` and
-    ``∂l/∂q_c = -(1 - ε) w_c (z_c - lse)``, each gradient times the row's coefficient.
+    ``l = log s · S - Σ_c w_c q'_c (z_c - m) + ζ lse²``, ``∂l/∂z_j = p_j (S + 2ζ lse) - w_j q'_j``
+    and ``∂l/∂q_c = -(1 - ε) w_c ((z_c - m) - log s)``, each gradient times the row's coefficient.
+    ``MX`` and ``LS`` hold each row's ``m`` and ``log s``: written, or read with ``HAS_STATS``.
     """
     eps = tl.load(OPTS).to(ACC)
     zeta = tl.load(OPTS + 1).to(ACC)
@@ -953,9 +995,11 @@ def _ce_prob_row_kernel(
             gq_row = GQ + row * stride_gq
             gq_elem: tl.constexpr = GQ.dtype.element_ty.primitive_bitwidth // 8
             same = same & _is_aligned(gq_row, head, gq_elem)
-        lse_in = 0.0
-        if HAS_LSE:
-            lse_in = tl.load(LSE_IN + row).to(ACC)
+        shift_in = tl.zeros((), ACC)
+        log_s_in = tl.zeros((), ACC)
+        if HAS_STATS:
+            shift_in = tl.load(MX + row).to(ACC)
+            log_s_in = tl.load(LS + row).to(ACC)
         if same:
             _prob_row(
                 x_row,
@@ -965,18 +1009,20 @@ def _ce_prob_row_kernel(
                 W,
                 V,
                 head,
-                lse_in,
+                shift_in,
+                log_s_in,
                 eps,
                 zeta,
                 softcap,
                 LOSS,
-                LSE,
+                MX,
+                LS,
                 row,
                 COEF,
                 True,
                 HAS_WEIGHT,
                 HAS_SOFTCAP,
-                HAS_LSE,
+                HAS_STATS,
                 WRITE_GRAD,
                 WRITE_QGRAD,
                 ACC,
@@ -992,18 +1038,20 @@ def _ce_prob_row_kernel(
                 W,
                 V,
                 head,
-                lse_in,
+                shift_in,
+                log_s_in,
                 eps,
                 zeta,
                 softcap,
                 LOSS,
-                LSE,
+                MX,
+                LS,
                 row,
                 COEF,
                 False,
                 HAS_WEIGHT,
                 HAS_SOFTCAP,
-                HAS_LSE,
+                HAS_STATS,
                 WRITE_GRAD,
                 WRITE_QGRAD,
                 ACC,
@@ -1086,11 +1134,27 @@ def _acc(x: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _empty_classes(loss: torch.Tensor, lse: torch.Tensor, lse_in: torch.Tensor | None) -> None:
-    """``V = 0``: nothing to read or write; every row's loss is 0 and its lse is log 0."""
+def _empty_classes(
+    loss: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], given: bool
+) -> None:
+    """``V = 0``: nothing to read or write; every row's loss is 0, its shift 0 and ``log s`` is
+    log 0."""
     loss.zero_()
-    if lse_in is None:
-        lse.fill_(float("-inf"))
+    if not given:
+        stats[0].zero_()
+        stats[1].fill_(float("-inf"))
+
+
+def _stats_buffers(
+    stats_in: tuple[torch.Tensor, torch.Tensor] | None, rows: int, acc: torch.dtype, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, log s)``: the given ones (contiguous, in the compute dtype), or new buffers."""
+    if stats_in is not None:
+        return tuple(t.to(acc).contiguous() for t in stats_in)
+    return (
+        torch.empty(rows, dtype=acc, device=device),
+        torch.empty(rows, dtype=acc, device=device),
+    )
 
 
 def cross_entropy_pass_triton(
@@ -1100,33 +1164,34 @@ def cross_entropy_pass_triton(
     row_coef: torch.Tensor | None,
     params: CEParams,
     *,
-    lse_in: torch.Tensor | None = None,
+    stats_in: tuple[torch.Tensor, torch.Tensor] | None = None,
     grad_out: torch.Tensor | None = None,
     grad_target_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`xent._engine.torch_rows.cross_entropy_pass` on Triton: same arguments and results."""
     _check_args(
         x,
         target=target,
         weight=weight,
         row_coef=row_coef,
-        lse_in=lse_in,
+        row_max=None if stats_in is None else stats_in[0],
+        log_s=None if stats_in is None else stats_in[1],
         grad_out=grad_out,
         grad_target_out=grad_target_out,
     )
     if target.dim() == 2:
         return _probability_pass(
-            x, target, weight, row_coef, params, lse_in, grad_out, grad_target_out
+            x, target, weight, row_coef, params, stats_in, grad_out, grad_target_out
         )
     rows, vocab = x.shape
-    if params.sliced and lse_in is None:
-        raise ValueError("a vocabulary slice needs the global log-sum-exp")
+    if params.sliced and stats_in is None:
+        raise ValueError("a vocabulary slice needs the global statistics (m, log s)")
     first = params.class_start
     acc, tl_acc = _acc(x)
     target = target.contiguous()  # the kernel reads target[row] at offset row
     x = _dense_rows(x)
     loss = torch.empty(rows, dtype=acc, device=x.device)
-    lse = lse_in if lse_in is not None else torch.empty(rows, dtype=acc, device=x.device)
+    stats = _stats_buffers(stats_in, rows, acc, x.device)
     w = None if weight is None else weight.to(dtype=acc).contiguous()  # all classes
     w_sum = None if w is None else w.sum().reshape(1)
     w_slice = None if w is None else w[first : first + vocab]
@@ -1134,7 +1199,7 @@ def cross_entropy_pass_triton(
     # copied into the caller's buffer.
     g = _dense_rows(grad_out)
     if rows > 0 and vocab == 0:
-        _empty_classes(loss, lse, lse_in)
+        _empty_classes(loss, stats, stats_in is not None)
     elif rows > 0:
         block, warps = _block_and_warps(vocab)
         grid = (_programs(rows, vocab * x.element_size(), x.device),)
@@ -1148,8 +1213,8 @@ def cross_entropy_pass_triton(
                 x if w_sum is None else w_sum,
                 row_coef,
                 loss,
-                lse,
-                lse,
+                stats[0],
+                stats[1],
                 g,
                 0 if g is None else g.stride(0),
                 _options(params, acc, x.device),
@@ -1161,7 +1226,7 @@ def cross_entropy_pass_triton(
                 HAS_WEIGHT=w is not None,
                 HAS_SOFTCAP=params.softcap is not None,
                 SMOOTH=params.label_smoothing > 0.0,
-                HAS_LSE=lse_in is not None,
+                HAS_STATS=stats_in is not None,
                 WRITE_GRAD=g is not None,
                 ACC=tl_acc,
                 BLOCK=block,
@@ -1170,9 +1235,9 @@ def cross_entropy_pass_triton(
             )
     if grad_out is not None and g is not grad_out:
         grad_out.copy_(g)
-    if lse_in is not None:
-        loss.zero_()  # the loss is not recomputed from a given lse (backward never needs it)
-    return loss, lse
+    if stats_in is not None:
+        loss.zero_()  # the loss is not recomputed from given statistics (backward never needs it)
+    return loss, stats[0], stats[1]
 
 
 def _dense_rows(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -1186,21 +1251,21 @@ def _probability_pass(
     weight: torch.Tensor | None,
     row_coef: torch.Tensor | None,
     params: CEParams,
-    lse_in: torch.Tensor | None,
+    stats_in: tuple[torch.Tensor, torch.Tensor] | None,
     grad_out: torch.Tensor | None,
     grad_target_out: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pass for ``(M, C)`` probability targets (:func:`_ce_prob_row_kernel`)."""
     rows, vocab = x.shape
     acc, tl_acc = _acc(x)
     x, q = _dense_rows(x), _dense_rows(q)
     loss = torch.empty(rows, dtype=acc, device=x.device)
-    lse = lse_in if lse_in is not None else torch.empty(rows, dtype=acc, device=x.device)
+    stats = _stats_buffers(stats_in, rows, acc, x.device)
     w = None if weight is None else weight.to(dtype=acc).contiguous()
     # Buffers with strided columns are written densely, then copied to the caller's buffer.
     g, gq = _dense_rows(grad_out), _dense_rows(grad_target_out)
     if rows > 0 and vocab == 0:
-        _empty_classes(loss, lse, lse_in)
+        _empty_classes(loss, stats, stats_in is not None)
     elif rows > 0:
         block, warps = _block_and_warps(vocab, max(16, MAX_BLOCK // 2))
         row_bytes = vocab * (x.element_size() + q.element_size())
@@ -1214,8 +1279,8 @@ def _probability_pass(
                 x if w is None else w,  # absent pointers stand in as x (never read)
                 row_coef,
                 loss,
-                lse,
-                lse,
+                stats[0],
+                stats[1],
                 g,
                 0 if g is None else g.stride(0),
                 gq,
@@ -1225,7 +1290,7 @@ def _probability_pass(
                 vocab,
                 HAS_WEIGHT=w is not None,
                 HAS_SOFTCAP=params.softcap is not None,
-                HAS_LSE=lse_in is not None,
+                HAS_STATS=stats_in is not None,
                 WRITE_GRAD=g is not None,
                 WRITE_QGRAD=gq is not None,
                 ACC=tl_acc,
@@ -1236,9 +1301,9 @@ def _probability_pass(
     for mine, theirs in ((g, grad_out), (gq, grad_target_out)):
         if theirs is not None and mine is not theirs:
             theirs.copy_(mine)
-    if lse_in is not None:
+    if stats_in is not None:
         loss.zero_()
-    return loss, lse
+    return loss, stats[0], stats[1]
 
 
 def scale_unless_one_(grad: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor | None:
