@@ -1,7 +1,7 @@
 """The numerics every loss shares, each written once.
 
-* the dtype arithmetic runs in (:func:`compute_dtype`) and when the host may read a value
-  (:func:`host_reads_cheap`);
+* the dtype arithmetic runs in (:func:`compute_dtype`), when the host may read a value
+  (:func:`host_reads_cheap`) and the values under ``torch.func``'s wrappers (:func:`concrete`);
 * the stable row max (:func:`stable_max`);
 * per-row target weights and the coefficients ``c_i = ∂L/∂l_i`` of a reduction
   (:func:`target_weights`, :func:`row_coefficients`), and the reduction itself
@@ -34,6 +34,24 @@ def host_reads_cheap(t: torch.Tensor) -> bool:
     path there instead (an asynchronous assert, an unconditional multiply).
     """
     return t.device.type == "cpu"
+
+
+def concrete(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a plain tensor, with ``torch.func``'s wrappers peeled off.
+
+    Under ``vmap`` a tensor is a per-sample view of a batched one, and under ``grad``, ``jvp``
+    and ``jacrev`` it is wrapped for the transform; neither may be read on the host. Peeling
+    every wrapper gives the tensor underneath (under ``vmap``: all samples at once), whose
+    values a check may read without touching the traced computation. Plain tensors come back
+    as they are, and so does everything while ``torch.compile`` traces (its tensors are proxies
+    with no values to read).
+    """
+    if torch.compiler.is_compiling():
+        return t
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t) or functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def stable_max(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = True) -> torch.Tensor:

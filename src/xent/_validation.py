@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from xent._numerics import host_reads_cheap
+from xent._numerics import concrete, host_reads_cheap
 
 Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
@@ -119,11 +119,31 @@ def check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: 
             )
 
 
+def value_check(t: torch.Tensor) -> str:
+    """How a check reads the values of ``t`` (taken beneath ``torch.func``'s wrappers by
+    :func:`xent._numerics.concrete`).
+
+    ``"host"``: on the CPU, eagerly, the values are read and the error names the first bad one.
+    ``"device"``: on an accelerator, or in a graph ``torch.compile`` traces, an asynchronous
+    assert checks them without a host sync. ``"none"``: a ``torch.func`` transform being
+    compiled has neither values to read nor a batching rule for the assert; the check is left
+    out.
+    """
+    if torch.compiler.is_compiling():
+        return "none" if torch._C._are_functorch_transforms_active() else "device"
+    return "host" if host_reads_cheap(t) else "device"
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """``IndexError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``."""
-    target = target.long()  # compare in int64 whatever the integer dtype (no wrap-around)
+    # Under torch.func transforms the values are read beneath the wrappers (all of vmap's
+    # samples at once); int64 compares whatever the integer dtype (no wrap-around).
+    target = concrete(target).long()
+    how = value_check(target)
+    if how == "none":
+        return
     invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if host_reads_cheap(target):
+    if how == "host":
         if bool(invalid.any()):
             bad = target[invalid].flatten()[0].item()
             raise IndexError(f"Target {bad} is out of bounds.")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx
 
-from xent._numerics import compute_dtype, reduce
+from xent._numerics import compute_dtype, concrete, reduce
 from xent._validation import (
     Reduction,
     check_floating,
     check_reduction,
     check_same_shape,
     check_tensor_args,
+    value_check,
 )
 
 # PyTorch clamps each log at -100, so p = 0 or 1 costs 100 per element instead of inf.
@@ -37,8 +38,12 @@ GRAD_EPS = 9.999999960041972e-13
 
 def _check_unit_interval(name: str, x: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the first element of ``x`` outside ``[0, 1]`` (NaN included)."""
+    x = concrete(x)  # under torch.func transforms: the values beneath the wrappers
+    how = value_check(x)
+    if how == "none":
+        return
     outside = ~((x >= 0) & (x <= 1))  # NaN fails both comparisons
-    if x.device.type == "cpu":
+    if how == "host":
         if bool(outside.any()):
             bad = x[outside].flatten()[0].item()
             raise ValueError(f"all elements of {name} should be between 0 and 1, got {bad}")
@@ -85,16 +90,36 @@ def _upstream(
 # --------------------------------------------------------------------------------------------
 
 
+def _bce_partials(
+    p: torch.Tensor, y: torch.Tensor, need_p: bool, need_y: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The unweighted elementwise ``(∂l/∂p, ∂l/∂y)`` in the compute dtype (None where not needed).
+
+    ``∂l/∂p = -y/p + (1 - y)/(1 - p) = (p - y) / (p (1 - p))``. PyTorch floors the denominator
+    at 1e-12 rather than differentiating the clamped logs (whose slope would be 0), so p = 0 or
+    1 gives ±1e12 (p - y); matched here. ``∂l/∂y = log(1 - p) - log p = -logit(p)``, unclamped
+    as in PyTorch (±inf at p = 0, 1).
+    """
+    cdtype = compute_dtype(p.dtype)
+    pc, yc = p.to(cdtype), y.to(cdtype)
+    d_p = (pc - yc) / (pc * (1 - pc)).clamp_min(GRAD_EPS) if need_p else None
+    d_y = torch.log1p(-pc) - torch.log(pc) if need_y else None
+    return d_p, d_y
+
+
 class _BinaryCrossEntropy(torch.autograd.Function):
-    """``l = -w (y max(log p, -100) + (1 - y) max(log(1 - p), -100))``, reduced."""
+    """``l = -w (y max(log p, -100) + (1 - y) max(log(1 - p), -100))``, reduced.
+
+    Pure tensor operations, so ``torch.func.vmap`` batches forward, backward and ``jvp`` by
+    running them on batched tensors (``generate_vmap_rule``); ``jvp`` is
+    ``reduce(w (∂l/∂p ṗ + ∂l/∂y ẏ))``.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
-        p: torch.Tensor,
-        y: torch.Tensor,
-        weight: torch.Tensor | None,
-        reduction: str,
+        p: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, reduction: str
     ) -> torch.Tensor:
         cdtype = compute_dtype(p.dtype)
         pc, yc = p.to(cdtype), y.to(cdtype)
@@ -105,30 +130,32 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         )
         if weight is not None:
             loss = loss * weight.to(cdtype)
-        ctx.save_for_backward(p, y, weight)
-        ctx.reduction = reduction
         return reduce(loss, reduction).to(p.dtype)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        p, y, weight, reduction = inputs
+        ctx.save_for_backward(p, y, weight)
+        ctx.save_for_forward(p, y, weight)
+        ctx.reduction = reduction
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         p, y, weight = ctx.saved_tensors
         cdtype = compute_dtype(p.dtype)
-        pc, yc = p.to(cdtype), y.to(cdtype)
         scale = _upstream(grad_output, ctx.reduction, p.numel(), cdtype)
         if weight is not None:
             scale = scale * weight.to(cdtype)
-        grad_p = grad_y = None
-        if ctx.needs_input_grad[0]:
-            # ∂l/∂p = -y/p + (1 - y)/(1 - p) = (p - y) / (p (1 - p)). PyTorch floors the
-            # denominator at 1e-12 rather than differentiating the clamped logs (whose slope
-            # would be 0), so p = 0 or 1 gives ±1e12 (p - y); matched here.
-            grad_p = scale * (pc - yc) / (pc * (1 - pc)).clamp_min(GRAD_EPS)
-            grad_p = grad_p.expand(p.shape).to(p.dtype)
-        if ctx.needs_input_grad[1]:
-            # ∂l/∂y = log(1 - p) - log p = -logit(p), unclamped as in PyTorch (±inf at p = 0, 1).
-            grad_y = scale * (torch.log1p(-pc) - torch.log(pc))
-            grad_y = grad_y.expand(y.shape).to(y.dtype)
+        d_p, d_y = _bce_partials(p, y, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_p = None if d_p is None else (scale * d_p).expand(p.shape).to(p.dtype)
+        grad_y = None if d_y is None else (scale * d_y).expand(y.shape).to(y.dtype)
         return grad_p, grad_y, None, None
+
+    @staticmethod
+    def jvp(ctx: FunctionCtx, p_t, y_t, *_) -> torch.Tensor:
+        p, y, weight = ctx.saved_tensors
+        d_p, d_y = _bce_partials(p, y, p_t is not None, y_t is not None)
+        return _reduced_tangent(((d_p, p_t), (d_y, y_t)), weight, ctx.reduction, p)
 
 
 def binary_cross_entropy(
@@ -209,15 +236,26 @@ class _Softplus(torch.autograd.Function):
     """``softplus`` whose derivative is ``sigmoid(x)`` everywhere, ``x = 0`` included (autograd
     through ``max`` and ``|x|`` would give 1 there), and is itself differentiable."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: torch.Tensor) -> torch.Tensor:
         return _softplus(x)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return grad_output * torch.sigmoid(x)
+
+    @staticmethod
+    def jvp(ctx: FunctionCtx, x_t: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return x_t * torch.sigmoid(x)
 
 
 def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -225,12 +263,64 @@ def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(a == 0, torch.zeros_like(a), a * b)
 
 
+def _bce_logits_partials(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    pos_weight: torch.Tensor | None,
+    need_z: bool,
+    need_y: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The unweighted elementwise ``(∂l/∂z, ∂l/∂y)`` in the compute dtype (None where not needed).
+
+    softplus(-z)' = -sigmoid(-z), so with c = 1 + (pw - 1) y
+      ∂l/∂z = (1 - y) - c sigmoid(-z) = c sigmoid(z) - pw y
+            = (1 - y) sigmoid(z) - pw y sigmoid(-z).
+    The last form has no 1 - sigmoid(z) to cancel (sigmoid(z) - 1 at z = 10 keeps only
+    3 digits in fp32) and is finite at z = ±inf.
+      ∂l/∂y = -z + (pw - 1) softplus(-z) = pw softplus(-z) - softplus(z)
+    (softplus(z) - softplus(-z) = z); the second form is ±inf, never NaN, at z = ±inf.
+    """
+    cdtype = compute_dtype(torch.promote_types(z.dtype, y.dtype))
+    zc, yc = z.to(cdtype), y.to(cdtype)
+    pw = None if pos_weight is None else pos_weight.to(cdtype)
+    d_z = d_y = None
+    if need_z:
+        t = yc if pw is None else pw * yc
+        d_z = (1 - yc) * torch.sigmoid(zc) - t * torch.sigmoid(-zc)
+    if need_y:
+        d_y = -zc if pw is None else pw * _Softplus.apply(-zc) - _Softplus.apply(zc)
+    return d_z, d_y
+
+
+def _reduced_tangent(
+    pairs: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...],
+    weight: torch.Tensor | None,
+    reduction: str,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """Forward mode of an elementwise loss: ``reduce(w Σ_k ∂l/∂a_k ȧ_k)`` over the ``(partial,
+    tangent)`` pairs whose tangent is given, in the loss's output dtype ``like.dtype``."""
+    total = None
+    for partial, tangent in pairs:
+        if tangent is not None:
+            term = partial * tangent.to(partial.dtype)
+            total = term if total is None else total + term
+    if weight is not None:
+        total = total * weight.to(total.dtype)
+    return reduce(total.expand(like.shape), reduction).to(like.dtype)
+
+
 class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
-    """``l = w ((1 - y) z + (1 + (pw - 1) y) softplus(-z))``, reduced."""
+    """``l = w ((1 - y) z + (1 + (pw - 1) y) softplus(-z))``, reduced.
+
+    Pure tensor operations, batched by ``torch.func.vmap`` (``generate_vmap_rule``); ``jvp`` is
+    ``reduce(w (∂l/∂z ż + ∂l/∂y ẏ))``.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
         z: torch.Tensor,
         y: torch.Tensor,
         weight: torch.Tensor | None,
@@ -252,39 +342,34 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
         )
         if weight is not None:
             loss = loss * weight.to(cdtype)
-        ctx.save_for_backward(z, y, weight, pos_weight)
-        ctx.reduction = reduction
         # PyTorch returns the target's dtype (its arithmetic starts from the target).
         return reduce(loss, reduction).to(y.dtype)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        z, y, weight, pos_weight, reduction = inputs
+        ctx.save_for_backward(z, y, weight, pos_weight)
+        ctx.save_for_forward(z, y, weight, pos_weight)
+        ctx.reduction = reduction
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         z, y, weight, pos_weight = ctx.saved_tensors
         cdtype = compute_dtype(torch.promote_types(z.dtype, y.dtype))
-        zc, yc = z.to(cdtype), y.to(cdtype)
         scale = _upstream(grad_output, ctx.reduction, z.numel(), cdtype)
         if weight is not None:
             scale = scale * weight.to(cdtype)
-        pw = None if pos_weight is None else pos_weight.to(cdtype)
-        grad_z = grad_y = None
-        if ctx.needs_input_grad[0]:
-            # softplus(-z)' = -sigmoid(-z), so with c = 1 + (pw - 1) y
-            #   ∂l/∂z = (1 - y) - c sigmoid(-z) = c sigmoid(z) - pw y
-            #         = (1 - y) sigmoid(z) - pw y sigmoid(-z).
-            # The last form has no 1 - sigmoid(z) to cancel (sigmoid(z) - 1 at z = 10 keeps only
-            # 3 digits in fp32) and is finite at z = ±inf.
-            t = yc if pw is None else pw * yc
-            grad_z = scale * ((1 - yc) * torch.sigmoid(zc) - t * torch.sigmoid(-zc))
-            grad_z = grad_z.expand(z.shape).to(z.dtype)
-        if ctx.needs_input_grad[1]:
-            # ∂l/∂y = -z + (pw - 1) softplus(-z) = pw softplus(-z) - softplus(z)
-            # (softplus(z) - softplus(-z) = z); the second form is ±inf, never NaN, at z = ±inf.
-            if pw is None:
-                grad_y = scale * -zc
-            else:
-                grad_y = scale * (pw * _Softplus.apply(-zc) - _Softplus.apply(zc))
-            grad_y = grad_y.expand(y.shape).to(y.dtype)
+        need_z, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_z, d_y = _bce_logits_partials(z, y, pos_weight, need_z, need_y)
+        grad_z = None if d_z is None else (scale * d_z).expand(z.shape).to(z.dtype)
+        grad_y = None if d_y is None else (scale * d_y).expand(y.shape).to(y.dtype)
         return grad_z, grad_y, None, None, None
+
+    @staticmethod
+    def jvp(ctx: FunctionCtx, z_t, y_t, *_) -> torch.Tensor:
+        z, y, weight, pos_weight = ctx.saved_tensors
+        d_z, d_y = _bce_logits_partials(z, y, pos_weight, z_t is not None, y_t is not None)
+        return _reduced_tangent(((d_z, z_t), (d_y, y_t)), weight, ctx.reduction, y)
 
 
 def binary_cross_entropy_with_logits(

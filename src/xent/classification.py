@@ -122,7 +122,10 @@ def cross_entropy(
 
     For ``"mean"``/``"sum"`` the gradient is formed in the forward pass, in one pass over the
     logits, and backward only scales it by the upstream gradient; for ``"none"`` the forward
-    keeps the per-row log-sum-exp and backward recomputes the softmax from it.
+    keeps the per-row log-sum-exp and backward recomputes the softmax from it. Under
+    ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) the loss is
+    formed by plain tensor operations with the same closed-form gradient, batched by ``vmap``
+    and with a forward-mode formula; ``inplace_backward`` and ``impl`` are then ignored.
 
     Returns:
         The loss in ``input``'s dtype. All targets ignored: ``"mean"`` is NaN (with a zero

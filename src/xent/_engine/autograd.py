@@ -226,48 +226,158 @@ class CrossEntropyFn(torch.autograd.Function):
         return grad_x, grad_q, None, None, None, None, None
 
 
+def _func_coefficients(target, weight, params: CEParams, dtype) -> torch.Tensor:
+    return row_coefficients(
+        target,
+        reduction=params.reduction,
+        dtype=dtype,
+        ignore_index=params.ignore_index,
+        class_weight=weight,
+    )[1]
+
+
+class CrossEntropyFuncFn(torch.autograd.Function):
+    """:class:`CrossEntropyFn` under ``torch.func`` transforms: the same loss and closed-form
+    gradient in pure tensor operations.
+
+    The one-pass kernel writes its gradient into buffers during the forward pass, which a
+    batched (``vmap``) or dual (``jvp``) tensor cannot receive. Here the forward forms only the
+    loss (:func:`xent.reference.cross_entropy_per_row`, plain operations); backward forms
+    ``Σ_i c_i g_i ∂l_i/∂(x, q)`` by :func:`_closed_form_grad`, differentiable again, and
+    ``jvp`` contracts the same gradient with the tangents: ``⟨∂L/∂x, ẋ⟩ + ⟨∂L/∂q, q̇⟩``
+    (per row for ``"none"``, whose row ``i`` of ``∂l/∂x`` is ``∂l_i/∂x_i``). With no host reads
+    and no in-place writes, ``vmap`` batches all three by running them on batched tensors
+    (``generate_vmap_rule``): one call over the whole batch, no per-sample loop.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, target, weight, params: CEParams):
+        from xent.reference import cross_entropy_per_row
+
+        per_row = cross_entropy_per_row(
+            x,
+            target,
+            weight,
+            params.ignore_index,
+            params.label_smoothing,
+            params.z_loss,
+            params.softcap,
+        )
+        _, _, denom = row_coefficients(
+            target,
+            reduction=params.reduction,
+            dtype=per_row.dtype,
+            ignore_index=params.ignore_index,
+            class_weight=weight,
+        )
+        return reduce_rows(per_row, params.reduction, denom).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, target, weight, params = inputs
+        ctx.save_for_backward(x, target, weight)
+        ctx.save_for_forward(x, target, weight)
+        ctx.params = params
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, target, weight = ctx.saved_tensors
+        params: CEParams = ctx.params
+        coef = _func_coefficients(target, weight, params, compute_dtype(x.dtype))
+        g = grad_output.to(coef.dtype)
+        c = coef * (g.reshape(-1) if params.reduction == "none" else g)
+        need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_q = _closed_form_grad(x, target, weight, c, params, need_q)
+        return (grad_x if need_x else None), grad_q, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, q_t, *_):
+        x, target, weight = ctx.saved_tensors
+        params: CEParams = ctx.params
+        coef = _func_coefficients(target, weight, params, compute_dtype(x.dtype))
+        grad_x, grad_q = _closed_form_grad(x, target, weight, coef, params, q_t is not None)
+        dims = 1 if params.reduction == "none" else (0, 1)
+        out = torch.zeros_like(coef if params.reduction == "none" else coef[:0].sum())
+        if x_t is not None:
+            out = out + (grad_x.to(coef.dtype) * x_t.to(coef.dtype)).sum(dims)
+        if q_t is not None:
+            out = out + (grad_q.to(coef.dtype) * q_t.to(coef.dtype)).sum(dims)
+        return out.to(x.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Negative log-likelihood
 # --------------------------------------------------------------------------------------------
 
 
+def _nll_rows(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: CEParams):
+    """``(L, c)``: the reduced loss ``L = reduce(-w_y x_y)`` (0 on ignored rows) in the compute
+    dtype and the coefficients ``c_i = ∂L/∂l_i``. Linear in ``x``, so applied to a tangent it is
+    also the forward-mode derivative."""
+    xc = x.to(compute_dtype(x.dtype))
+    w = _class_weight(weight, xc)
+    valid, safe, w_y = target_weights(target, w, params.ignore_index, xc.dtype)
+    zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
+    loss = torch.where(valid, -w_y * xc.gather(1, safe[:, None]).squeeze(1), zero)
+    _, coef, denominator = row_coefficients(
+        target,
+        reduction=params.reduction,
+        dtype=xc.dtype,
+        ignore_index=params.ignore_index,
+        class_weight=w,
+    )
+    return reduce_rows(loss, params.reduction, denominator), coef
+
+
 class NLLFn(torch.autograd.Function):
-    """``l = -w_y · x_y`` for ``(M, C)`` log-probabilities ``x`` and ``(M)`` targets."""
+    """``l = -w_y · x_y`` for ``(M, C)`` log-probabilities ``x`` and ``(M)`` targets.
+
+    Pure tensor operations without host reads, so ``torch.func``'s ``vmap`` batches it by
+    running them on batched tensors (``generate_vmap_rule``); ``jvp`` is the loss of the tangent.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, target, weight, params: CEParams):
-        xc = x.to(compute_dtype(x.dtype))
-        w = _class_weight(weight, xc)
-        valid, safe, w_y = target_weights(target, w, params.ignore_index, xc.dtype)
-        zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
-        loss = torch.where(valid, -w_y * xc.gather(1, safe[:, None]).squeeze(1), zero)
-        _, coef, denominator = row_coefficients(
-            target,
-            reduction=params.reduction,
-            dtype=xc.dtype,
-            ignore_index=params.ignore_index,
-            class_weight=w,
-        )
-        out = reduce_rows(loss, params.reduction, denominator)
-        ctx.save_for_backward(target, weight, coef)
-        ctx.shape_dtype = (x.shape, x.dtype, xc.dtype)
+    def forward(x, target, weight, params: CEParams):
+        return _nll_rows(x, target, weight, params)[0].to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, target, weight, params = inputs
+        ctx.save_for_backward(target, weight)
+        ctx.save_for_forward(target, weight)
+        ctx.shape_dtype = (x.shape, x.dtype, compute_dtype(x.dtype))
         ctx.params = params
-        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         # ∂l/∂x_j = -w_y [j = y]: one entry per row, scaled by c_i g. The loss is linear in x,
         # so this gradient does not depend on x and the second derivative is zero.
-        target, weight, coef = ctx.saved_tensors
+        target, weight = ctx.saved_tensors
         shape, dtype, cdtype = ctx.shape_dtype
         params: CEParams = ctx.params
         w = None if weight is None else weight.to(device=target.device, dtype=cdtype)
+        _, coef, _ = row_coefficients(
+            target,
+            reduction=params.reduction,
+            dtype=cdtype,
+            ignore_index=params.ignore_index,
+            class_weight=w,
+        )
         _, safe, w_y = target_weights(target, w, params.ignore_index, cdtype)
         g = grad_output.to(cdtype)
         scale = coef * (g.reshape(-1) if params.reduction == "none" else g)
         grad = torch.zeros(shape, dtype=cdtype, device=target.device)
         grad = grad.scatter(1, safe[:, None], (-scale * w_y)[:, None])
         return grad.to(dtype), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        target, weight = ctx.saved_tensors
+        return _nll_rows(x_t, target, weight, ctx.params)[0].to(ctx.shape_dtype[1])
 
 
 # --------------------------------------------------------------------------------------------

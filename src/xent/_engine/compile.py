@@ -16,11 +16,13 @@ import torch
 from xent._engine import policy
 from xent._engine.autograd import (
     CrossEntropyFn,
+    CrossEntropyFuncFn,
     cross_entropy_backward_pass,
     cross_entropy_forward,
 )
 from xent._engine.options import CEParams
 from xent._numerics import compute_dtype
+from xent._validation import check_target_range
 
 if TYPE_CHECKING:
     from xent._engine.parallel import VocabParallel
@@ -142,9 +144,15 @@ def cross_entropy_rows(
 ) -> torch.Tensor:
     """Cross-entropy of ``(M, C)`` logits (the entry point of the public functions).
 
-    Under ``torch.compile`` the computation appears as opaque custom operators
-    (above); otherwise it runs :class:`CrossEntropyFn`.
+    Under ``torch.func`` transforms it runs :class:`CrossEntropyFuncFn` (pure tensor
+    operations, batched by ``vmap``; ``inplace`` is then ignored); under ``torch.compile`` the
+    computation appears as opaque custom operators (above); otherwise it runs
+    :class:`CrossEntropyFn`.
     """
+    if policy.under_transforms() and parallel is None:
+        if target.dim() == 1:  # on the values beneath the wrappers
+            check_target_range(target, x.shape[1], params.ignore_index)
+        return CrossEntropyFuncFn.apply(x, target, weight, params)
     if torch.compiler.is_compiling() and parallel is None:
         return cross_entropy_compiled(x, target, weight, params)
     grad_on = torch.is_grad_enabled()

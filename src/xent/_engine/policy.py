@@ -28,6 +28,18 @@ def grad_in_forward(reduction: str, dtype: torch.dtype) -> bool:
     return reduction != "none" and dtype != torch.float16
 
 
+def under_transforms() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``, ...) is active.
+
+    The one-pass kernels write their gradient into buffers during the forward pass and read
+    options on the host; under a transform the inputs are wrapped (batched, dual) tensors for
+    which neither is possible. There the engine takes a path of pure tensor operations
+    (:class:`xent._engine.autograd.CrossEntropyFuncFn`) with a batching rule and forward-mode
+    formulas; eager calls keep the one-pass kernels.
+    """
+    return torch._C._are_functorch_transforms_active()
+
+
 def drop_ignored(target: torch.Tensor) -> bool:
     """Whether ignored tokens are dropped before the head's matrix products.
 
