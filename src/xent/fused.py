@@ -10,11 +10,15 @@ recomputes the logits chunk by chunk.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from xent._engine import compile as compiled_ops
 from xent._engine import dispatch, parallel
 from xent._engine.autograd import LinearCrossEntropyFn, LinearOptions
 from xent._engine.options import CEParams
+from xent._numerics import compute_dtype
 from xent._validation import (
     Reduction,
     check_chunk_size,
@@ -39,8 +43,9 @@ def linear_cross_entropy(
     linear_bias: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
-    ignore_index: int = -100,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
+    options: object | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
     normalizer: torch.Tensor | float | None = None,
@@ -140,41 +145,200 @@ def linear_cross_entropy(
         target = parallel.local_tensor(target, "target")
     linear_bias = parallel.local_tensor(linear_bias, "linear_bias")
     kernel = dispatch.resolve(impl, input)
-    check_linear_args(input, linear_weight, target, linear_bias, token_weight)
+    input, linear_weight, linear_bias, out_dtype = _autocast(input, linear_weight, linear_bias)
+    probs = check_linear_args(input, linear_weight, target, linear_bias, token_weight, ignore_index)
+    ignore = -100 if ignore_index is None else int(ignore_index)
+    out_features = tuple(linear_weight.shape[1:-1])
+    if vocab_parallel is not None and (probs or out_features):
+        raise ValueError(
+            "a vocabulary-sharded linear_weight takes class-index targets and a (V, H) weight"
+        )
     vocab = linear_weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab
     check_class_weight(weight, vocab)
     norm = check_normalizer(normalizer, reduction)
     z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
-    chunk = check_chunk_size(chunk_size)
-    flat_target = target.reshape(-1).long()  # int64: no wrap-around against ignore_index
-    check_target_range(flat_target, vocab, ignore_index)
+    hidden = input.shape[-1]
+    x = input.reshape(-1, hidden)
+    chunk = _chunk_tokens(check_chunk_size(chunk_size), options, x.shape[0], hidden, vocab)
     if kernel == "reference":
         if vocab_parallel is not None:
             raise ValueError("impl='reference' takes a whole (not vocabulary-sharded) weight")
-        return linear_cross_entropy_reference(
+        if probs or out_features:
+            return _reference_logits(
+                input,
+                linear_weight,
+                target,
+                linear_bias,
+                weight,
+                reduction,
+                ignore,
+                eps,
+                z_loss,
+                softcap,
+                norm,
+                token_weight,
+                out_dtype,
+            )
+        check_target_range(target, vocab, ignore)
+        loss = linear_cross_entropy_reference(
             input,
             linear_weight,
             target,
             linear_bias=linear_bias,
             weight=weight,
             reduction=reduction,
-            ignore_index=ignore_index,
+            ignore_index=ignore,
             label_smoothing=eps,
             z_loss=z_loss,
             softcap=softcap,
             normalizer=norm,
             token_weight=token_weight,
         )
+        return loss if out_dtype is None else loss.to(out_dtype)
+    heads = math.prod(out_features)
+    w, b = linear_weight, linear_bias
+    if out_features:  # (C, P, H): one softmax over C at each of the P positions
+        w = w.reshape(vocab, heads, hidden)
+        b = None if b is None else b.reshape(vocab, heads)
+    q = None
+    flat_target = None
+    if probs:
+        q = target.reshape(x.shape[0], vocab, heads) if out_features else target.reshape(-1, vocab)
+    else:
+        flat_target = target.reshape(x.shape[0], heads) if out_features else target.reshape(-1)
+        flat_target = flat_target.long()  # int64: no wrap-around against ignore_index
     opts = LinearOptions(
-        CEParams(int(ignore_index), reduction, eps, z_loss, softcap, impl=kernel),
+        CEParams(ignore, reduction, eps, z_loss, softcap, impl=kernel),
         flat_target,
         None if weight is None else weight.detach(),
         None if token_weight is None else token_weight.detach().reshape(-1),
         norm,
         chunk,
         vocab_parallel,
+        out_dtype,
     )
-    loss = LinearCrossEntropyFn.apply(
-        input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, opts
+    if torch.compiler.is_compiling() and vocab_parallel is None:
+        loss = compiled_ops.linear_cross_entropy_compiled(x, w, b, q, opts)
+    else:
+        with torch.autocast(input.device.type, enabled=False):
+            loss = LinearCrossEntropyFn.apply(x, w, b, opts, q)
+    if reduction != "none":
+        return loss
+    return loss.reshape(*input.shape[:-1], *out_features)
+
+
+def _autocast(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype | None]:
+    """Inside an autocast region: the input, weight and bias in the region's dtype, and the
+    loss's dtype, fp32 (what ``F.linear`` then ``F.cross_entropy`` give there); else unchanged.
+
+    The products then read the autocast dtype and accumulate in fp32; the casts are
+    differentiable, so each parameter's gradient comes back in its own dtype. As in autocast,
+    fp64 tensors are left alone.
+    """
+    device = input.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return input, weight, bias, None
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
+    input, weight, bias = cast(input), cast(weight), cast(bias)
+    return input, weight, bias, torch.float32  # type: ignore[return-value]
+
+
+def _chunk_tokens(
+    chunk_size: int | None, options: object, num_tokens: int, hidden: int, vocab: int
+) -> int | None:
+    """Tokens per chunk from ``chunk_size`` or from a ``LinearCrossEntropyOptions``.
+
+    Its ``batch_chunk_size`` is the chunk size; an explicit ``chunking_method`` of
+    ``"aspect_ratio[:k]"`` sizes the chunk so its logits take as much memory as the input, /k:
+    the power of two ≥ ``N / ⌈V / H⌉``, divided by ``k``; ``"auto"`` is xent's own default;
+    ``None`` with no ``batch_chunk_size`` is one chunk of all tokens.
+    """
+    if options is None:
+        return chunk_size
+    if not hasattr(options, "batch_chunk_size") or not hasattr(options, "chunking_method"):
+        raise TypeError(
+            "options must be a torch.nn.LinearCrossEntropyOptions (or have its "
+            f"batch_chunk_size and chunking_method), got {type(options).__name__}"
+        )
+    given = options.batch_chunk_size
+    method = options.chunking_method
+    if given is not None:
+        given = check_chunk_size(given)
+    chosen = given
+    if method is not None and method != "auto":
+        name, _, factor = str(method).partition(":")
+        if name != "aspect_ratio" or not (factor or "1").isdigit() or int(factor or "1") < 1:
+            raise ValueError(f"invalid chunking_method: {method!r}")
+        per = -(-num_tokens // max(1, -(-vocab // max(hidden, 1))))
+        power = 1 << max(per - 1, 0).bit_length()
+        chosen = max(1, min(power // int(factor or "1"), num_tokens))
+        if given is not None and given != chosen:
+            raise ValueError(
+                f"options.batch_chunk_size={given} and chunking_method={method!r} "
+                f"({chosen} tokens) disagree; give one"
+            )
+    elif method is None and given is None:
+        chosen = max(1, num_tokens)
+    if chunk_size is not None and chosen is not None and chunk_size != chosen:
+        raise ValueError(
+            f"chunk_size={chunk_size} and options ({chosen} tokens per chunk) disagree; give one"
+        )
+    return chunk_size if chosen is None else chosen
+
+
+def _reference_logits(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore,
+    eps,
+    z_loss,
+    softcap,
+    norm,
+    token_weight,
+    out_dtype,
+) -> torch.Tensor:
+    """``impl="reference"`` for probability targets and K-dimensional weights: the
+    ``(*batch, C, *out_features)`` logits materialised (fp32; fp64 for fp64) and
+    :func:`xent.cross_entropy` on them."""
+    from xent.classification import cross_entropy
+
+    if token_weight is not None or norm is not None:
+        raise ValueError(
+            "impl='reference' takes token_weight and normalizer only with class-index "
+            "targets and a (V, H) weight"
+        )
+    cdtype = compute_dtype(input.dtype)
+    vocab, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    flat_w = linear_weight.reshape(-1, input.shape[-1]).to(cdtype)
+    z = input.to(cdtype) @ flat_w.t()
+    if linear_bias is not None:
+        z = z + linear_bias.reshape(-1).to(cdtype)
+    batch = tuple(input.shape[:-1])
+    z = z.reshape(-1, vocab, *out_features)  # batch axes flattened: the class axis is 1
+    probs = target.is_floating_point()
+    target = target.reshape(z.shape if probs else (z.shape[0], *out_features))
+    loss = cross_entropy(
+        z,
+        target if probs else target.long(),
+        weight,
+        ignore,
+        reduction,
+        eps,
+        z_loss=z_loss,
+        softcap=softcap,
     )
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    if reduction == "none":
+        loss = loss.reshape(*batch, *out_features)
+    return loss.to(out_dtype or input.dtype)
