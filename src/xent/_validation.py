@@ -19,6 +19,12 @@ Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite`` in comparisons, which ``torch.compile`` folds on constants (it traces
+    ``math.isfinite`` as a graph operator returning a bool, which breaks the graph)."""
+    return -math.inf < value < math.inf
+
+
 def check_reduction(reduction: str, choices: tuple[str, ...] = REDUCTIONS) -> None:
     """Raise ``ValueError`` unless ``reduction`` is one of ``choices``."""
     if reduction not in choices:
@@ -34,7 +40,7 @@ def check_label_smoothing(label_smoothing: float) -> float:
     PyTorch silently ignores negative and NaN values; xent refuses them (a deliberate deviation).
     """
     value = float(label_smoothing)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # NaN fails it too (no math.isnan: torch.compile traces this)
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return value
 
@@ -146,7 +152,7 @@ def check_prob_target(input: torch.Tensor, target: torch.Tensor, ignore_index: i
 
 def check_z_loss(z_loss: float) -> float:
     value = float(z_loss)
-    if not math.isfinite(value) or value < 0.0:
+    if not _finite(value) or value < 0.0:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     return value
 
@@ -155,7 +161,7 @@ def check_softcap(softcap: float | None) -> float | None:
     if softcap is None:
         return None
     value = float(softcap)
-    if not math.isfinite(value) or value <= 0.0:
+    if not _finite(value) or value <= 0.0:
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     return value
 
@@ -191,7 +197,7 @@ def check_linear_args(
         )
     hidden = input.shape[-1]
     if linear_weight.dim() < 2 or linear_weight.shape[-1] != hidden:
-        raise ValueError(
+        raise RuntimeError(
             f"linear_weight must have shape (V, H) or (V, *out_features, H) with H = {hidden} "
             f"(the input's last dimension), got {tuple(linear_weight.shape)}"
         )
@@ -213,7 +219,7 @@ def check_linear_args(
             f"{linear_bias.dtype}"
         )
     if linear_bias is not None and tuple(linear_bias.shape) != (vocab, *out_features):
-        raise ValueError(
+        raise RuntimeError(
             f"linear_bias must have shape {(vocab, *out_features)}, got {tuple(linear_bias.shape)}"
         )
     index_shape = (*batch, *out_features)
@@ -265,7 +271,7 @@ def check_normalizer(
             )
         return normalizer.reshape(())  # no host sync: its value is used on its device
     value = float(normalizer)
-    if not math.isfinite(value) or value <= 0.0:
+    if not _finite(value) or value <= 0.0:
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
     return value
 
