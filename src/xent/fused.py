@@ -77,39 +77,73 @@ def linear_cross_entropy(
     ``token_weight`` scales each token's loss and gradients (e.g. per-sequence or
     per-document weights); it receives no gradient.
 
+    The signature up to ``options`` is PyTorch 2.13's ``F.linear_cross_entropy``, and every
+    call it accepts means the same here; xent's extras (``z_loss`` to ``impl``) are
+    keyword-only after it.
+
     Args:
-        input: hidden states ``(..., H)``; fp32, bf16, fp16 or fp64.
-        linear_weight: ``(V, H)``, same dtype as ``input``. A DTensor sharded along the
-            vocabulary (``Shard(0)``, as ``ColwiseParallel`` shards a head) takes the
-            vocabulary-parallel path (:mod:`xent.distributed`) over its mesh's group; a
-            replicated one is used as its local tensor.
-        target: class indices ``(...)`` (the input's shape without ``H``).
-        linear_bias: optional ``(V)``.
+        input: hidden states ``(..., H)``; fp32, bf16, fp16 or fp64 (PyTorch: ``(H)`` or
+            ``(N, H)``).
+        linear_weight: ``(V, H)``, or ``(V, d1, …, dK, H)`` for a K-dimensional loss (then a
+            batched input): the logits are ``(..., V, d1, …, dK)``, one softmax over ``V`` at
+            each of the ``d1⋯dK`` positions. Same dtype as ``input`` (outside autocast). A
+            DTensor sharded along the vocabulary (``Shard(0)``, as ``ColwiseParallel`` shards
+            a head) takes the vocabulary-parallel path (:mod:`xent.distributed`) over its
+            mesh's group; a replicated one is used as its local tensor.
+        target: class indices ``(..., d1, …, dK)`` (the input's shape without ``H``, then the
+            weight's positions), or class probabilities of the logits' shape
+            ``(..., V, d1, …, dK)`` (floating; they receive a gradient). Probabilities are fed
+            to the kernel chunk by chunk, as the logits are.
+        linear_bias: optional ``(V, d1, …, dK)``.
         weight: optional ``(V)`` class weights.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
-        ignore_index: targets equal to it are dropped before any matrix product (except while
-            a CUDA graph is being captured: then they are computed with weight 0).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(..., d1, …, dK)``).
+        ignore_index: class-index targets equal to it are dropped before any matrix product
+            (except while a CUDA graph is being captured: then they are computed with weight
+            0). ``None`` (the default, as in PyTorch) means -100 for class indices; with
+            probability targets it must stay None (``RuntimeError``, as in PyTorch).
         label_smoothing: ``ε`` in ``[0, 1]``, over the whole vocabulary.
+        options: a ``torch.nn.LinearCrossEntropyOptions``, read for the chunk size only:
+            ``batch_chunk_size`` is the tokens per chunk; ``chunking_method="aspect_ratio[:k]"``
+            chooses PyTorch's size (logits as large as the input, / k); ``"auto"`` keeps xent's
+            default; ``chunking_method=None`` without ``batch_chunk_size`` is one chunk. It
+            must not disagree with ``chunk_size``. ``acc_policy`` and ``acc_dtype`` have no
+            effect (statistics and the weight-gradient accumulator are always fp32, fp64 for
+            fp64) and neither has ``allow_retain_graph`` (backward through a retained graph
+            always works). ``options=None``, PyTorch's unchunked reference path, is xent's
+            chunked path with the same values.
         z_loss: ``ζ ≥ 0``, coefficient of ``lse²`` (PaLM's auxiliary loss).
         softcap: ``s > 0`` caps logits to ``s·tanh(z/s)`` (Gemma 2).
         normalizer: denominator of ``"mean"`` instead of the token count: a number or a
             one-element tensor (never read on the host).
-        token_weight: optional ``(...)`` per-token weights.
+        token_weight: optional per-token weights, the class-index target's shape.
         chunk_size: tokens per chunk; default: at least 1024 tokens within 256 MiB of fp32
             logits (more if 48 MiB holds more; on CUDA, 512 MiB of logits and, for bf16, their
             bf16 gradient).
         impl: ``"auto"`` (the chunked path; its logits-to-gradient kernel in Triton on CUDA
             when installed), ``"torch"`` or ``"triton"`` (that kernel chosen explicitly; the
             matrix products are torch's, cuBLAS on GPUs), or ``"reference"`` (materialise the
-            logits: :func:`linear_cross_entropy_reference`).
+            logits: :func:`linear_cross_entropy_reference`, or :func:`xent.cross_entropy` of
+            them for probabilities and K-dimensional weights).
 
     Returns:
-        The loss in ``input``'s dtype: a scalar, or ``target``'s shape for ``"none"``.
+        The loss in ``input``'s dtype (fp32 inside an autocast region): a scalar, or
+        ``(..., d1, …, dK)`` for ``"none"``.
 
-    Equals ``xent.cross_entropy(torch.nn.functional.linear(input, linear_weight, linear_bias)
-    .flatten(0, -2), target.flatten(), weight, ...)`` (and PyTorch 2.13's
+    Equals ``xent.cross_entropy`` of ``torch.nn.functional.linear(input, linear_weight,
+    linear_bias)`` with the class axis after the batch axes (and PyTorch 2.13's
     ``F.linear_cross_entropy`` for the options it has); statistics are always fp32, and the
     weight's gradient is accumulated in fp32 and rounded once at the end.
+
+    Autocast: inside ``torch.autocast`` (e.g. bf16 hidden states from the region and an fp32
+    head) ``input``, ``linear_weight`` and ``linear_bias`` are cast to the region's dtype, as
+    ``F.linear`` there casts them; the products read that dtype and accumulate in fp32, the
+    loss is fp32 (as ``F.cross_entropy`` there returns), and each parameter's gradient comes
+    back in its own dtype. Outside autocast mixed dtypes are refused, as by ``F.linear``.
+
+    ``torch.compile(fullgraph=True)``: the fused path appears in the graph as two custom
+    operators (:mod:`xent._engine.compile`) with shape-only fake versions, so there are no
+    graph breaks, no host reads in the graph, and batch sizes stay symbolic (``dynamic=True``
+    or automatic dynamic shapes: no recompilation after the second size).
 
     Memory: besides the gradients of ``input`` and ``linear_weight`` (the floor), one chunk of
     fp32 logits (125 MiB at V = 32 000 by default); for bf16/fp16 weights also an fp32
