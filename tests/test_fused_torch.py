@@ -280,3 +280,20 @@ def test_autocast_module_and_mixed_dtypes_outside_autocast():
         ref_mod(x, t)
     with pytest.raises(RuntimeError, match="same dtype"):
         mod(x, t)
+
+
+@pytest.mark.parametrize(
+    ("out_features", "probs", "reduction"),
+    list(itertools.product([(), (2,)], [False, True], ["mean", "none"])),
+)
+def test_triton_kernel_on_k_dim_and_probabilities(out_features, probs, reduction):
+    pytest.importorskip("triton")
+    leaves, t = _problem(torch.float32, out_features, probs, n=5)
+    kw = dict(reduction=reduction, impl="triton", chunk_size=2)
+    ours, g_ours = _loss_and_grads(xent.linear_cross_entropy, leaves, t, _upstream, **kw)
+    kw = dict(reduction=reduction)
+    ref, g_ref = _loss_and_grads(F.linear_cross_entropy, leaves, t, _upstream, **kw)
+    (lr, la), (gr, ga) = TOL[torch.float32]
+    torch.testing.assert_close(ours, ref, rtol=lr, atol=la)
+    for a, r in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=gr, atol=ga)

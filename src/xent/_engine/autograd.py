@@ -338,7 +338,9 @@ def _linear_ce_walk(x, w, b, opts: LinearOptions, q, coef, need, lse=None, skip=
         def pick(t, axis):  # position p of a per-pair tensor (n-major) or of q's last axis
             if t is None or heads == 1:
                 return t
-            return t.reshape(num_tokens, heads)[:, p] if axis == 0 else t[..., p]
+            # Contiguous: the Triton row kernels index per-row tensors with unit stride.
+            picked = t.reshape(num_tokens, heads)[:, p] if axis == 0 else t[..., p]
+            return picked.contiguous()
 
         tgt = pick(q, 1) if q is not None else pick(opts.target, 1)
         gq = None if grad_q is None else (grad_q if heads == 1 else torch.empty_like(tgt))
