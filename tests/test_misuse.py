@@ -364,6 +364,43 @@ CASES: list[Case] = [
         (HIDDEN, HEAD, TARGET.float()),
         {},
     ),
+    # Probability targets (the logits' shape) take no ignore_index, as in PyTorch; integer
+    # ones of that shape are refused; a K-dimensional head needs a batched input.
+    Case(
+        "linear_cross_entropy",
+        "probabilities-with-ignore_index",
+        (HIDDEN, HEAD, PROBS),
+        dict(ignore_index=-100),
+    ),
+    Case("linear_cross_entropy", "int-probability-target", (HIDDEN, HEAD, _INTS), {}),
+    Case(
+        "linear_cross_entropy",
+        "k-dim-unbatched",
+        (HIDDEN[0], HEAD[:, None].expand(5, 2, 4), TARGET[:2]),
+        {},
+    ),
+    Case(
+        "linear_cross_entropy",
+        "k-dim-bias-shape",
+        (HIDDEN, HEAD[:, None].expand(5, 2, 4), TARGET[:, None].expand(3, 2)),
+        dict(linear_bias=PROBS[0]),
+    ),
+    Case(
+        "linear_cross_entropy",
+        "options-not-options",
+        (HIDDEN, HEAD, TARGET),
+        dict(options=4),
+        raises=TypeError,
+        mentions=("options",),
+    ),
+    Case(
+        "linear_cross_entropy",
+        "options-chunk-conflict",
+        (HIDDEN, HEAD, TARGET),
+        dict(options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2), chunk_size=3),
+        raises=ValueError,
+        mentions=("chunk_size",),
+    ),
 ]
 
 

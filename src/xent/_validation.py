@@ -19,6 +19,12 @@ Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite`` in comparisons, which ``torch.compile`` folds on constants (it traces
+    ``math.isfinite`` as a graph operator returning a bool, which breaks the graph)."""
+    return -math.inf < value < math.inf
+
+
 def check_reduction(reduction: str, choices: tuple[str, ...] = REDUCTIONS) -> None:
     """Raise ``ValueError`` unless ``reduction`` is one of ``choices``."""
     if reduction not in choices:
@@ -34,7 +40,7 @@ def check_label_smoothing(label_smoothing: float) -> float:
     PyTorch silently ignores negative and NaN values; xent refuses them (a deliberate deviation).
     """
     value = float(label_smoothing)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # NaN fails it too (no math.isnan: torch.compile traces this)
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return value
 
@@ -166,7 +172,7 @@ def check_prob_target(input: torch.Tensor, target: torch.Tensor, ignore_index: i
 
 def check_z_loss(z_loss: float) -> float:
     value = float(z_loss)
-    if not math.isfinite(value) or value < 0.0:
+    if not _finite(value) or value < 0.0:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     return value
 
@@ -175,7 +181,7 @@ def check_softcap(softcap: float | None) -> float | None:
     if softcap is None:
         return None
     value = float(softcap)
-    if not math.isfinite(value) or value <= 0.0:
+    if not _finite(value) or value <= 0.0:
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     return value
 
@@ -194,43 +200,77 @@ def check_linear_args(
     target: torch.Tensor,
     linear_bias: torch.Tensor | None,
     token_weight: torch.Tensor | None,
-) -> None:
+    ignore_index: int | None = None,
+) -> bool:
+    """Shapes and dtypes of a linear cross-entropy call; returns whether ``target`` holds
+    probabilities.
+
+    ``linear_weight`` is ``(C, *out_features, H)``; the logits of ``(*batch, H)`` inputs are
+    ``(*batch, C, *out_features)``. A target of exactly that shape is probabilities (then
+    ``ignore_index`` must be None, as in PyTorch); otherwise it is class indices of shape
+    ``(*batch, *out_features)``.
+    """
     if not input.is_floating_point() or input.dim() == 0:
         raise TypeError(
             f"input must be a floating tensor of shape (..., H), got {input.dtype} "
             f"of shape {tuple(input.shape)}"
         )
     hidden = input.shape[-1]
-    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
-        raise ValueError(
-            f"linear_weight must have shape (V, H) with H = {hidden} (the input's last "
-            f"dimension), got {tuple(linear_weight.shape)}"
+    if linear_weight.dim() < 2 or linear_weight.shape[-1] != hidden:
+        raise RuntimeError(
+            f"linear_weight must have shape (V, H) or (V, *out_features, H) with H = {hidden} "
+            f"(the input's last dimension), got {tuple(linear_weight.shape)}"
         )
     if linear_weight.dtype != input.dtype:
         raise RuntimeError(
             f"input and linear_weight must have the same dtype, got {input.dtype} and "
             f"{linear_weight.dtype}"
         )
-    vocab = linear_weight.shape[0]
+    vocab, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    batch = tuple(input.shape[:-1])
+    if out_features and not batch:
+        raise RuntimeError(
+            f"a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) needs "
+            f"a batched input (N, {hidden}), got shape {tuple(input.shape)}"
+        )
     if linear_bias is not None and linear_bias.dtype != input.dtype:
         raise RuntimeError(
             f"input and linear_bias must have the same dtype, got {input.dtype} and "
             f"{linear_bias.dtype}"
         )
-    if linear_bias is not None and tuple(linear_bias.shape) != (vocab,):
-        raise ValueError(f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"target must have the input's shape without its last dimension, "
-            f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+    if linear_bias is not None and tuple(linear_bias.shape) != (vocab, *out_features):
+        raise RuntimeError(
+            f"linear_bias must have shape {(vocab, *out_features)}, got {tuple(linear_bias.shape)}"
         )
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
-    if token_weight is not None and tuple(token_weight.shape) != tuple(target.shape):
+    index_shape = (*batch, *out_features)
+    probs = tuple(target.shape) == (*batch, vocab, *out_features)
+    if probs:
+        if not target.is_floating_point():
+            raise RuntimeError(
+                "expected a floating dtype for a target of class probabilities (the logits' "
+                f"shape {tuple(target.shape)}), got {target.dtype}"
+            )
+        if ignore_index is not None:
+            raise RuntimeError(
+                f"ignore_index cannot be given ({ignore_index}) when target holds probabilities"
+            )
+    else:
+        if tuple(target.shape) != index_shape:
+            raise ValueError(
+                f"target must have the input's shape without its last dimension, "
+                f"{index_shape} (class indices), or the logits' shape "
+                f"{(*batch, vocab, *out_features)} (probabilities), got {tuple(target.shape)}"
+            )
+        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+            raise RuntimeError(
+                f"expected an integer dtype for class-index targets, got {target.dtype}"
+            )
+    if token_weight is not None and tuple(token_weight.shape) != index_shape:
         raise ValueError(
-            f"token_weight must have the target's shape {tuple(target.shape)}, "
+            f"token_weight must have the target's shape {index_shape}, "
             f"got {tuple(token_weight.shape)}"
         )
+    return probs
 
 
 def check_normalizer(
@@ -251,7 +291,7 @@ def check_normalizer(
             )
         return normalizer.reshape(())  # no host sync: its value is used on its device
     value = float(normalizer)
-    if not math.isfinite(value) or value <= 0.0:
+    if not _finite(value) or value <= 0.0:
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
     return value
 

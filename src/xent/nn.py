@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -171,10 +173,19 @@ class HuberLoss(nn.Module):
 class LinearCrossEntropyLoss(nn.Module):
     """An output layer and its cross-entropy in one: :func:`xent.linear_cross_entropy`.
 
-    Like ``torch.nn.LinearCrossEntropyLoss``, the module owns the ``Linear(in_features,
-    num_classes)`` projection (``self.linear``), so ``loss_fn(hidden, target)`` trains the head
-    without ever storing its ``N × num_classes`` logits. ``forward`` also takes xent's per-call
-    ``normalizer`` and ``token_weight``. (K-dimensional ``out_features`` are not supported.)
+    The constructor is ``torch.nn.LinearCrossEntropyLoss``'s (``in_features, num_classes, *,
+    out_features=(), bias=False, device=None, dtype=None, reduction="mean", weight=None,
+    ignore_index=None, label_smoothing=0.0, options=None``), followed by xent's keyword-only
+    ``z_loss``, ``softcap`` and ``chunk_size``. As there, the module owns the projection as
+    ``self.linear = Linear(in_features, num_classes · prod(out_features))`` (flat storage, so
+    ``state_dict`` keys and shapes are PyTorch's) and ``forward`` views its weight as
+    ``(num_classes, *out_features, in_features)``: ``loss_fn(hidden, target)`` trains the head
+    without ever storing its logits. ``forward`` also takes xent's per-call ``normalizer`` and
+    ``token_weight``.
+
+    Shapes: input ``(H)`` or ``(..., H)``; target class indices ``(..., *out_features)`` or
+    probabilities ``(..., num_classes, *out_features)``; ``"none"`` gives
+    ``(..., *out_features)``.
 
     Example:
         >>> import torch, xent
@@ -193,23 +204,33 @@ class LinearCrossEntropyLoss(nn.Module):
         in_features: int,
         num_classes: int,
         *,
+        out_features: tuple[int, ...] = (),
         bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         reduction: Reduction = "mean",
         weight: torch.Tensor | None = None,
-        ignore_index: int = -100,
+        ignore_index: int | None = None,
         label_smoothing: float = 0.0,
+        options: object | None = None,
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise RuntimeError(
+                f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}"
+            )
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        width = num_classes * math.prod(self.out_features)
+        self.linear = nn.Linear(in_features, width, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.options = options
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
@@ -222,18 +243,28 @@ class LinearCrossEntropyLoss(nn.Module):
         normalizer: torch.Tensor | float | None = None,
         token_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias
         return linear_cross_entropy(
             input,
-            self.linear.weight,
+            self.linear.weight.reshape(*shape, self.linear.in_features),
             target,
-            linear_bias=self.linear.bias,
+            linear_bias=None if bias is None else bias.reshape(shape),
             weight=self.weight,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
+            options=self.options,
             z_loss=self.z_loss,
             softcap=self.softcap,
             normalizer=normalizer,
             token_weight=token_weight,
             chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+            f"reduction={self.reduction!r}"
         )

@@ -390,86 +390,222 @@ class LinearOptions:
     """Options of one linear cross-entropy call and its non-differentiable tensors.
 
     They travel through autograd as one object, so backward returns only the gradients of the
-    input, the weight and the bias.
+    input, the weight, the bias and a probability target. ``target`` is ``(N)`` or, for a
+    ``(V, P, H)`` weight (``P`` positions of a K-dimensional loss), ``(N, P)`` class indices;
+    None when the target is probabilities (then they are the Function's ``q`` input).
+    ``out_dtype`` is the loss's dtype (None: the input's).
     """
 
     ce: CEParams
-    target: torch.Tensor
+    target: torch.Tensor | None
     class_weight: torch.Tensor | None = None
     token_weight: torch.Tensor | None = None
     normalizer: torch.Tensor | float | None = None
     chunk_tokens: int | None = None
     parallel: VocabParallel | None = None
+    out_dtype: torch.dtype | None = None
 
 
-def _linear_ce_walk(x, w, b, opts: LinearOptions, coef, need, stats=None, skip=None):
-    rows = CrossEntropyRows(
-        opts.ce, opts.target, opts.class_weight, coef, stats=stats, parallel=opts.parallel
-    )
-    return linear_walk(
-        x,
-        w,
-        b,
-        rows,
-        num_outputs=rows.num_outputs,
-        need=need if coef is not None else (False, False, False),
-        skip=skip,
-        chunk_tokens=opts.chunk_tokens,
-        parallel=opts.parallel,
-    )
+def _heads(w: torch.Tensor) -> int:
+    """``P``: how many positions a ``(V, P, H)`` weight has (1 for ``(V, H)``)."""
+    return 1 if w.dim() == 2 else w.shape[1]
 
 
-class LinearCrossEntropyFn(torch.autograd.Function):
-    """Linear + cross-entropy on ``(N, H)`` inputs and ``(N)`` targets, through the walker.
-
-    Only ``x``, ``w`` and ``b`` are differentiable; everything else rides in ``opts``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, b, opts: LinearOptions):
-        ce, target = opts.ce, opts.target
-        cdtype = compute_dtype(x.dtype)
-        tw, coef, denom = row_coefficients(
-            target,
+def linear_ce_coefficients(
+    opts: LinearOptions, q: torch.Tensor | None, num_tokens: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(t, c, D)`` over the ``N·P`` (token, position) pairs, n-major (see
+    :func:`row_coefficients`). Probability targets: ``t`` the token weight (else 1), ``D`` the
+    normalizer, else the pair count."""
+    ce = opts.ce
+    if q is None:
+        assert opts.target is not None
+        return row_coefficients(
+            opts.target.reshape(-1),
             reduction=ce.reduction,
-            dtype=cdtype,
+            dtype=dtype,
             ignore_index=ce.ignore_index,
             class_weight=opts.class_weight,
             token_weight=opts.token_weight,
             normalizer=opts.normalizer,
         )
-        skip = target == ce.ignore_index
-        scalar = ce.reduction != "none"
-        need = tuple(ctx.needs_input_grad[:3])
-        (loss, row_max, log_s), grad_x, gw, gb = _linear_ce_walk(
-            x, w, b, opts, coef if scalar else None, need, skip=skip
+    device = q.device
+    tw = opts.token_weight
+    t = (
+        torch.ones(num_tokens, dtype=dtype, device=device)
+        if tw is None
+        else tw.reshape(-1).to(device=device, dtype=dtype)
+    )
+    if ce.reduction != "mean":
+        return t, t, None
+    norm = opts.normalizer
+    if isinstance(norm, torch.Tensor):
+        denom = norm.to(device=device, dtype=dtype).reshape(())
+    else:
+        denom = torch.full(
+            (), float(num_tokens if norm is None else norm), dtype=dtype, device=device
         )
-        out = reduce_rows(loss * tw, ce.reduction, denom)  # tw: 0 on ignored tokens
-        ctx.opts, ctx.grads, ctx.skip = opts, (grad_x, gw, gb), skip
-        ctx.save_for_backward(x, w, b, coef, row_max, log_s)
-        return out.to(x.dtype)
+    return t, t / denom, denom
+
+
+def _linear_ce_walk(
+    x, w, b, opts: LinearOptions, q, coef, need, stats=None, skip=None, grad_q=None
+):
+    """One walk per position of the weight; ``(loss, m, log s)`` over the ``N·P`` pairs (n-major;
+    ``stats``, when given, is their ``(2, N·P)`` stack)
+    and ``(∂x, ∂w, ∂b)`` in the compute dtype; ``grad_q`` (``q``'s shape) is written."""
+    heads = _heads(w)
+    num_tokens = x.shape[0]
+    need = need if coef is not None else (False, False, False)
+
+    def per_head(p):
+        def pick(t, axis):  # position p of a per-pair tensor (n-major) or of q's last axis
+            if t is None or heads == 1:
+                return t
+            # Contiguous: the Triton row kernels index per-row tensors with unit stride.
+            picked = t.reshape(num_tokens, heads)[:, p] if axis == 0 else t[..., p]
+            return picked.contiguous()
+
+        tgt = pick(q, 1) if q is not None else pick(opts.target, 1)
+        gq = None if grad_q is None else (grad_q if heads == 1 else torch.empty_like(tgt))
+        rows = CrossEntropyRows(
+            opts.ce,
+            tgt,
+            opts.class_weight,
+            pick(coef, 0),
+            stats=None if stats is None else (pick(stats[0], 0), pick(stats[1], 0)),
+            grad_target=gq,
+            parallel=opts.parallel,
+        )
+        result = linear_walk(
+            x,
+            w if heads == 1 else w[:, p],
+            b if b is None or heads == 1 else b[:, p],
+            rows,
+            num_outputs=rows.num_outputs,
+            need=need,
+            skip=pick(skip, 0),
+            chunk_tokens=opts.chunk_tokens,
+            parallel=opts.parallel,
+        )
+        if gq is not None and heads > 1:
+            grad_q[..., p] = gq
+        return result
+
+    if heads == 1:
+        return per_head(0)
+    outputs, grad_x, grad_w, grad_b = per_head(0)
+    per_pair = [[t] for t in outputs]
+    grad_w = None if grad_w is None else _spread(grad_w, heads, 0)
+    grad_b = None if grad_b is None else _spread(grad_b, heads, 0)
+    for p in range(1, heads):
+        outputs, gx, gw, gb = per_head(p)
+        for kept, t in zip(per_pair, outputs, strict=True):
+            kept.append(t)
+        if grad_x is not None:
+            grad_x += gx
+        if grad_w is not None:
+            grad_w[:, p] = gw
+        if grad_b is not None:
+            grad_b[:, p] = gb
+    return (
+        tuple(torch.stack(kept, 1).reshape(-1) for kept in per_pair),
+        grad_x,
+        grad_w,
+        grad_b,
+    )
+
+
+def _spread(first: torch.Tensor, heads: int, p: int) -> torch.Tensor:
+    """A ``(V, P, ...)`` buffer whose position ``p`` is ``first``."""
+    out = first.new_empty((first.shape[0], heads, *first.shape[1:]))
+    out[:, p] = first
+    return out
+
+
+def _skip_of(opts: LinearOptions) -> torch.Tensor | None:
+    return None if opts.target is None else (opts.target == opts.ce.ignore_index).reshape(-1)
+
+
+def linear_ce_forward(x, w, b, q, opts: LinearOptions, need):
+    """The forward of linear cross-entropy on ``(N, H)`` inputs: ``(loss, stats, coef, grads)``.
+
+    ``need`` says which of ``∂x``, ``∂w``, ``∂b``, ``∂q`` to form. For scalar losses they are
+    formed here (compute dtype; ``∂q`` in ``q``'s dtype), ``c_i ∂l_i/∂·`` for an upstream
+    gradient of 1; for ``"none"`` they are None and backward recomputes from ``stats``, the
+    ``(2, N·P)`` stack of each row's max ``m`` and ``log s``.
+    """
+    ce = opts.ce
+    if opts.target is not None:  # read here, inside the compiled operator too
+        vocab = w.shape[0] if opts.parallel is None else opts.parallel.vocab
+        check_target_range(opts.target, vocab, ce.ignore_index)
+    cdtype = compute_dtype(x.dtype)
+    tw, coef, denom = linear_ce_coefficients(opts, q, x.shape[0] * _heads(w), cdtype)
+    scalar = ce.reduction != "none"
+    grad_q = empty_buffer(tuple(q.shape), q) if scalar and q is not None and need[3] else None
+    (loss, row_max, log_s), grad_x, gw, gb = _linear_ce_walk(
+        x,
+        w,
+        b,
+        opts,
+        q,
+        coef if scalar else None,
+        tuple(need[:3]),
+        skip=_skip_of(opts),
+        grad_q=grad_q,
+    )
+    out = reduce_rows(loss * tw, ce.reduction, denom)  # tw: 0 on ignored tokens
+    return out, torch.stack((row_max, log_s)), coef, (grad_x, gw, gb, grad_q)
+
+
+def linear_ce_backward(x, w, b, q, opts: LinearOptions, coef, stats, need):
+    """``c_i ∂l_i/∂(x, w, b, q)`` recomputed chunk by chunk: from the saved ``stats`` (``"none"``,
+    ``coef`` already scaled by the upstream gradient), or, ``stats`` None, by the forward's own
+    arithmetic (a second backward of a scalar loss)."""
+    grad_q = empty_buffer(tuple(q.shape), q) if q is not None and need[3] else None
+    _, grad_x, grad_w, grad_b = _linear_ce_walk(
+        x, w, b, opts, q, coef, tuple(need[:3]), stats=stats, skip=_skip_of(opts), grad_q=grad_q
+    )
+    return grad_x, grad_w, grad_b, grad_q
+
+
+class LinearCrossEntropyFn(torch.autograd.Function):
+    """Linear + cross-entropy on ``(N, H)`` inputs, through the walker.
+
+    The weight is ``(V, H)``, or ``(V, P, H)`` for a K-dimensional loss (``P`` positions, each
+    its own softmax over ``V``). The target is class indices (in ``opts``) or probabilities
+    ``q`` (``(N, V)``, or ``(N, V, P)``), fed to the row kernel chunk by chunk. Only ``x``,
+    ``w``, ``b`` and ``q`` are differentiable; everything else rides in ``opts``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, opts: LinearOptions, q=None):
+        need = (*ctx.needs_input_grad[:3], q is not None and ctx.needs_input_grad[4])
+        out, stats, coef, grads = linear_ce_forward(x, w, b, q, opts, need)
+        ctx.opts, ctx.grads = opts, grads
+        ctx.save_for_backward(x, w, b, q, coef, stats)
+        return out.to(opts.out_dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         policy.refuse_double_backward("linear_cross_entropy")
-        x, w, b, coef, row_max, log_s = ctx.saved_tensors
+        x, w, b, q, coef, stats = ctx.saved_tensors
         opts: LinearOptions = ctx.opts
         g = grad_out.to(coef.dtype)
         scalar = opts.ce.reduction != "none"
-        need = tuple(ctx.needs_input_grad[:3])
-        grad_x, grad_w, grad_b = ctx.grads
-        ctx.grads = (None, None, None)  # hand the buffers over: no copy
-        if not scalar or all(grad is None for grad in (grad_x, grad_w, grad_b)):
+        need = (*ctx.needs_input_grad[:3], q is not None and ctx.needs_input_grad[4])
+        grads = ctx.grads
+        ctx.grads = (None, None, None, None)  # hand the buffers over: no copy
+        if not scalar or all(grad is None for grad in grads):
             # "none": recompute the logits chunk by chunk from the saved (m, log s). A scalar
             # loss whose buffers a first backward already consumed (retained graph) forms them
             # again by the forward's own arithmetic, so repeated backwards agree bit for bit.
             c = coef * g.reshape(-1) if not scalar else coef
-            _, grad_x, grad_w, grad_b = _linear_ce_walk(
-                x, w, b, opts, c, need, stats=None if scalar else (row_max, log_s), skip=ctx.skip
-            )
+            grads = linear_ce_backward(x, w, b, q, opts, c, None if scalar else stats, need)
         if scalar:
-            dispatch.scale_unless_one_((grad_x, grad_w, grad_b), g, opts.ce.impl)
-        return (*in_dtypes_of((grad_x, grad_w, grad_b), (x, w, b)), None)
+            dispatch.scale_unless_one_(grads, g, opts.ce.impl)
+        grad_x, grad_w, grad_b, grad_q = in_dtypes_of(grads, (x, w, b, q))
+        return grad_x, grad_w, grad_b, None, grad_q
 
 
 @dataclass(frozen=True)
@@ -522,7 +658,7 @@ class LinearCrossEntropySpec:
         x, w, b, target = t[:4]
         check_target_range(target, w.shape[0], self.ce.ignore_index)
         opts, tw, _, denom, skip = self._setup(t)
-        (loss, _), *_ = _linear_ce_walk(x, w, b, opts, None, (False,) * 3, skip=skip)
+        (loss, *_), *_ = _linear_ce_walk(x, w, b, opts, None, None, (False,) * 3, skip=skip)
         return (reduce_rows(loss * tw, self.ce.reduction, denom).to(x.dtype),)
 
     def vjp(self, t, grads, need):
@@ -530,7 +666,7 @@ class LinearCrossEntropySpec:
         opts, _, coef, _, skip = self._setup(t)
         g = grads[0].to(coef.dtype)
         c = coef * (g.reshape(-1) if self.ce.reduction == "none" else g)
-        _, gx, gw, gb = _linear_ce_walk(x, w, b, opts, c, need, skip=skip)
+        _, gx, gw, gb = _linear_ce_walk(x, w, b, opts, None, c, need, skip=skip)
         return in_dtypes_of((gx, gw, gb), (x, w, b))
 
     def jvp(self, t, tangents):
