@@ -33,12 +33,15 @@ from typing import Protocol
 
 import torch
 
+from xent._engine import policy
+
 Tensors = tuple[torch.Tensor | None, ...]
 
 
 def active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running."""
-    return torch._C._are_functorch_transforms_active()
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running (the decision is
+    :func:`xent._engine.policy.under_transforms`)."""
+    return policy.under_transforms()
 
 
 def refuse(function: str) -> None:
