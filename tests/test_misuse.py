@@ -504,7 +504,7 @@ def test_misuse_errors_are_pytorchs_types_and_the_earlier_ones() -> None:
         "cross_entropy(): argument 'target' (position 2) must be Tensor, not list"
     )
     assert isinstance(info.value, AttributeError) and isinstance(info.value, NotATensorError)
-    with pytest.raises(TypeError, match=r"argument 'pos_weight' \(position 5\) .* numpy\.ndarray"):
+    with pytest.raises(TypeError, match=r"argument 'pos_weight' \(position 7\) .* numpy\.ndarray"):
         xent.binary_cross_entropy_with_logits(LOGITS, PROBS, pos_weight=np.ones(5))
     with pytest.raises(TypeError, match=r"^linear_cross_entropy\(\): argument 'linear_bias' must"):
         xent.linear_cross_entropy(HIDDEN, HEAD, TARGET, linear_bias=[0.0] * 5)
