@@ -398,6 +398,7 @@ def test_the_deprecated_arguments_warn_and_pick_pytorchs_reduction(
     with pytest.warns(UserWarning) as record:
         ours = xent.nll_loss(LOGITS, TARGET, None, size_average, -100, reduce)
     assert [(w.category, str(w.message)) for w in record] == expected
+    assert record[0].filename == __file__
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(ours, xent.nll_loss(LOGITS, TARGET, reduction=reduction))
     with pytest.warns(UserWarning) as record:
@@ -405,6 +406,9 @@ def test_the_deprecated_arguments_warn_and_pick_pytorchs_reduction(
     assert [(w.category, str(w.message)) for w in record] == expected
     assert module.reduction == reduction
     assert record[0].filename == __file__  # the warning points at the line that built it
+    with pytest.warns(UserWarning) as record:
+        xent.nn.KLDivLoss(size_average, reduce)
+    assert record[0].filename == __file__
 
 
 def test_a_positional_call_is_never_read_as_another_parameter() -> None:

@@ -42,11 +42,16 @@ class _Loss(nn.Module):
     """Stores ``reduction``, or the one the deprecated ``size_average``/``reduce`` ask for."""
 
     def __init__(
-        self, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean"
+        self,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        *,
+        depth: int = 1,
     ) -> None:
         super().__init__()
-        # stacklevel 4: the warning points at the line that builds the module.
-        self.reduction = legacy_reduction(size_average, reduce, reduction, stacklevel=4)
+        # The warning points at the line that builds the module: ``depth`` constructors up.
+        self.reduction = legacy_reduction(size_average, reduce, reduction, stacklevel=3 + depth)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
@@ -62,7 +67,7 @@ class _WeightedLoss(_Loss):
         reduce: bool | None,
         reduction: str,
     ) -> None:
-        super().__init__(size_average, reduce, reduction)
+        super().__init__(size_average, reduce, reduction, depth=2)
         self.register_buffer("weight", weight)
 
 
