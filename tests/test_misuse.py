@@ -162,7 +162,7 @@ TABLE: dict[str, Entry] = {
     "log_loss": Entry(
         xent.log_loss,
         sklearn.metrics.log_loss,
-        dict(y_true=TARGET.remainder(3), y_pred=PROBS[:, :3].double().softmax(1)),
+        dict(y_true=TARGET.remainder(3), y_proba=PROBS[:, :3].double().softmax(1)),
     ),
     "nn.CrossEntropyLoss": Entry(
         *_module(xent.nn.CrossEntropyLoss),

@@ -141,8 +141,8 @@ def check_broadcastable(function: str, input: torch.Tensor, target: torch.Tensor
 def check_logits(input: torch.Tensor) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() == 0:
-        raise ValueError(
+    if input.dim() == 0:  # PyTorch: RuntimeError (cross_entropy) or ValueError (nll_loss)
+        raise InvalidValueError(
             "input must have a class dimension: expected (C), (N, C) or "
             "(N, C, d1, ..., dK), got a 0-d tensor"
         )
@@ -349,7 +349,12 @@ class InvalidValueError(ValueError, RuntimeError):
     """
 
 
-class ComplexDataError(ValueError, TypeError):
+class ParameterError(ValueError, TypeError):
+    """An argument of the wrong type where scikit-learn raises its ``InvalidParameterError``,
+    which is both; xent raised ``TypeError``."""
+
+
+class ComplexDataError(ParameterError):
     """Complex values given to ``log_loss``: scikit-learn raises ``ValueError``, xent raised
     ``TypeError``; this is both."""
 
