@@ -226,7 +226,7 @@ def test_bce_gradcheck_and_gradgradcheck(reduction):
     weight = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
 
     def f(p, y):
-        return binary_cross_entropy(p, y, weight, reduction)
+        return binary_cross_entropy(p, y, weight, reduction=reduction)
 
     assert torch.autograd.gradcheck(f, (p, y))
     assert torch.autograd.gradgradcheck(f, (p, y))
@@ -243,7 +243,9 @@ def test_bce_with_logits_gradcheck_and_gradgradcheck(reduction, with_pos_weight)
     pos_weight = torch.rand(4, generator=gen, dtype=torch.float64) * 3 if with_pos_weight else None
 
     def f(z, y):
-        return binary_cross_entropy_with_logits(z, y, weight, reduction, pos_weight)
+        return binary_cross_entropy_with_logits(
+            z, y, weight, reduction=reduction, pos_weight=pos_weight
+        )
 
     assert torch.autograd.gradcheck(f, (z, y))
     assert torch.autograd.gradgradcheck(f, (z, y))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -345,19 +348,19 @@ ERRORS = {
         ([0, 1, 3], [[0.2, 0.3, 0.5]] * 3),
         {"labels": [0, 1, 2]},
         ValueError,
-        r"values \[3\] not belonging to the passed labels \[0, 1, 2\]",
+        r"values \{3\} not belonging to the passed labels \[0, 1, 2\]",
     ),
     "string-y_true-int-labels": (
         (["a", "b"], [0.7, 0.2]),
         {"labels": [0, 1]},
         ValueError,
-        r"values \['a', 'b'\] not belonging",
+        r"values \{'[ab]', '[ab]'\} not belonging",
     ),
     "more-classes-than-columns": (
         ([0, 1, 2], [[0.5, 0.5]] * 3),
         {},
         ValueError,
-        r"different numbers of classes: 3 vs 2.*\[0, 1, 2\]",
+        r"different number of classes: 3 vs 2.*\[0 1 2\]",
     ),
     "one-d-pred-multiclass": (
         ([0, 1, 2], [0.2, 0.3, 0.5]),
@@ -369,7 +372,7 @@ ERRORS = {
         ([0, 1, 2], [[0.5, 0.5]] * 3),
         {"labels": [0, 1, 2]},
         ValueError,
-        r"labels \(3\) is different from the number of columns of y_pred \(2\)",
+        r"different from that in y_prob.*\(3 labels, 2 columns in y_proba\)",
     ),
     "fewer-classes-than-columns": (
         ([0, 1, 1], [[0.2, 0.3, 0.5]] * 3),
@@ -377,12 +380,17 @@ ERRORS = {
         ValueError,
         "2 vs 3",
     ),
-    "length-mismatch": (([1, 0, 1], [0.7, 0.2]), {}, ValueError, "y_true has 3, y_pred has 2"),
+    "length-mismatch": (
+        ([1, 0, 1], [0.7, 0.2]),
+        {},
+        ValueError,
+        r"samples: \[2, 3\] \(y_proba has 2, y_true has 3\)",
+    ),
     "weight-length": (
         ([1, 0], [0.7, 0.2]),
         {"sample_weight": [1.0, 2.0, 3.0]},
         ValueError,
-        "sample_weight has 3, y_pred has 2",
+        r"\[2, 2, 3\] \(.*sample_weight has 3\)",
     ),
     "weight-2d": (
         ([1, 0], [0.7, 0.2]),
@@ -390,7 +398,12 @@ ERRORS = {
         ValueError,
         r"shape \(2, 1\)",
     ),
-    "weight-scalar": (([1, 0], [0.7, 0.2]), {"sample_weight": 2.0}, ValueError, r"shape \(\)"),
+    "weight-scalar": (
+        ([1, 0], [0.7, 0.2]),
+        {"sample_weight": 2.0},
+        ValueError,
+        "array-like or None",
+    ),
     "weight-nan": (
         ([1, 0], [0.7, 0.2]),
         {"sample_weight": [np.nan, 1.0]},
@@ -421,11 +434,11 @@ ERRORS = {
         TypeError,
         "sample_weight must be numeric",
     ),
-    "empty": (([], []), {}, ValueError, r"0 samples \(shape=\(0,\)\)"),
-    "empty-2d": ((np.array([], dtype=int), np.zeros((0, 2))), {}, ValueError, "0 samples"),
-    "no-columns": (([1, 0], np.zeros((2, 0))), {}, ValueError, "0 columns"),
-    "three-d": (([1, 0], np.full((2, 2, 1), 0.5)), {}, ValueError, r"shape \(2, 2, 1\)"),
-    "scalar-pred": (([1], 0.5), {}, ValueError, r"shape \(\)"),
+    "empty": (([], []), {}, ValueError, r"0 sample\(s\) \(shape=\(0,\)\)"),
+    "empty-2d": ((np.array([], dtype=int), np.zeros((0, 2))), {}, ValueError, r"0 sample\(s\)"),
+    "no-columns": (([1, 0], np.zeros((2, 0))), {}, ValueError, r"0 feature\(s\)"),
+    "three-d": (([1, 0], np.full((2, 2, 1), 0.5)), {}, ValueError, "dim 3"),
+    "scalar-pred": (([1], 0.5), {}, ValueError, "must be an array-like. Got 0.5 instead"),
     "continuous-y_true": (([1.5, 0.0], [0.7, 0.2]), {}, ValueError, "non-integer value 1.5"),
     "continuous-labels": (
         ([1, 0], [0.7, 0.2]),
@@ -433,14 +446,14 @@ ERRORS = {
         ValueError,
         "non-integer value 0.5",
     ),
-    "nan-y_true": (([np.nan, 1.0], [0.3, 0.8]), {}, ValueError, "y_true contains NaN"),
+    "nan-y_true": (([np.nan, 1.0], [0.3, 0.8]), {}, ValueError, r"y contains NaN\. \(in y_true\)"),
     "none-in-y_true": (([None, 1], [0.3, 0.8]), {}, ValueError, "NoneType"),
     "mixed-y_true": ((["a", 1], [0.7, 0.2]), {}, ValueError, "Mix of label input types"),
     "mixed-labels": (
         (["a", "b"], [0.7, 0.2]),
         {"labels": ["a", 1]},
         ValueError,
-        r"Mix of label input types \(string and number\) in labels",
+        r"Mix of label input types \(string and number\); Got .*\(in labels\)",
     ),
     "duplicate-labels": (
         ([0, 1, 2], [[0.2, 0.3, 0.5]] * 3),
@@ -462,7 +475,7 @@ ERRORS = {
     ),
     "three-d-y_true": ((np.zeros((2, 2, 2), int), [0.7, 0.2]), {}, ValueError, r"\(2, 2, 2\)"),
     "bytes-labels": (([b"a", b"b"], [0.7, 0.2]), {}, TypeError, "bytes"),
-    "normalize-not-bool": (([1, 0], [0.7, 0.2]), {"normalize": 0}, TypeError, "got 0"),
+    "normalize-not-bool": (([1, 0], [0.7, 0.2]), {"normalize": 0}, TypeError, "Got 0 instead"),
 }
 
 
@@ -568,3 +581,88 @@ def test_random_inputs_agree_with_sklearn(data):
     assert ours == pytest.approx(ref, rel=1e-12, abs=1e-300)
     as_tensor = _quiet(log_loss, y_true, torch.from_numpy(np.ascontiguousarray(y_pred)), **kwargs)
     assert as_tensor == ours
+
+
+# --------------------------------------------------------------------------------------------
+# Words: scikit-learn's own messages, read off scikit-learn for the same input
+# --------------------------------------------------------------------------------------------
+
+# Where scikit-learn's message is about its internals (a NumPy broadcast error, an unfitted
+# binarizer) or its behaviour differs, xent words its own error (checked in test_errors).
+OWN_WORDS = {"weight-strings", "duplicate-labels", "indicator-with-labels", "multioutput-y_true"}
+
+
+def _sklearn_outcome(*args: Any, **kwargs: Any) -> tuple[Any, list[warnings.WarningMessage]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = sk_log_loss(*args, **kwargs)
+        except Exception as exc:
+            result = exc
+    return result, list(caught)
+
+
+def _builtin_bases(exc: BaseException) -> tuple[type[BaseException], ...]:
+    """The built-in exception types ``exc`` is (InvalidParameterError: ValueError, TypeError)."""
+    return tuple(t for t in type(exc).__mro__ if t.__module__ == "builtins" and t is not object)
+
+
+def _opening(message: str) -> str:
+    """scikit-learn's sentence: xent's message starts with it (and may add detail after it).
+    Only the first line: "Complex data not supported" is followed by the whole array."""
+    return "^" + re.escape(message.splitlines()[0])
+
+
+@pytest.mark.parametrize("name", [name for name in ERRORS if name not in OWN_WORDS])
+def test_errors_are_worded_as_sklearn_words_them(name: str):
+    args, kwargs, _, _ = ERRORS[name]
+    theirs, _ = _sklearn_outcome(*args, **kwargs)
+    assert isinstance(theirs, Exception), theirs
+    for exc_type in _builtin_bases(theirs)[:-2]:  # leave out Exception and BaseException
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(exc_type, match=_opening(str(theirs))):
+                log_loss(*args, **kwargs)
+
+
+# Inputs on which scikit-learn warns: the warning's category and text are scikit-learn's.
+WARNINGS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
+    "not-summing-to-one": (([0, 1], [[0.5, 0.4], [0.2, 0.8]]), {}),
+    "not-summing-to-one-float32": (
+        ([0, 1, 1], np.array([[0.5, 0.6], [0.2, 0.8], [0.1, 0.8]], np.float32)),
+        {},
+    ),
+    "unsorted-labels-list": (([0, 1, 2], [[0.2, 0.3, 0.5]] * 3), {"labels": [2, 0, 1]}),
+    "unsorted-labels-ndarray": (([0, 1], [[0.5, 0.5], [0.2, 0.8]]), {"labels": np.array([1, 0])}),
+    "unsorted-string-labels": ((["b", "a"], [0.3, 0.6]), {"labels": ["b", "a"]}),
+    "y_pred-keyword": (([0, 1],), {"y_pred": [[0.5, 0.5], [0.2, 0.8]]}),
+}
+
+
+@pytest.mark.parametrize("name", list(WARNINGS))
+def test_warnings_are_sklearns(name: str):
+    args, kwargs = WARNINGS[name]
+    theirs, caught = _sklearn_outcome(*args, **kwargs)
+    assert caught, "scikit-learn did not warn"
+    with warnings.catch_warnings(record=True) as ours_caught:
+        warnings.simplefilter("always")
+        ours = log_loss(*args, **kwargs)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    assert len(ours_caught) == len(caught)
+    for mine, their in zip(ours_caught, caught, strict=True):
+        assert mine.category is their.category
+        assert re.match(_opening(str(their.message)), str(mine.message)), (mine, their)
+    first = caught[0]
+    with pytest.warns(first.category, match=_opening(str(first.message))):
+        log_loss(*args, **kwargs)
+
+
+def test_y_proba_is_the_parameter_and_y_pred_is_deprecated_as_in_sklearn():
+    y_true, y_proba = [0, 1, 1], [[0.6, 0.4], [0.3, 0.7], [0.2, 0.8]]
+    assert list(inspect.signature(log_loss).parameters) == list(
+        inspect.signature(sk_log_loss).parameters
+    )
+    assert log_loss(y_true, y_proba=y_proba) == sk_log_loss(y_true, y_proba=y_proba)
+    both, _ = _sklearn_outcome(y_true, y_proba, y_pred=y_proba)
+    with pytest.raises(ValueError, match=_opening(str(both))):
+        log_loss(y_true, y_proba, y_pred=y_proba)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xent
-from xent._validation import DtypeError, NotATensorError
+from xent._validation import DtypeError, InvalidValueError, NotATensorError
 
 # --------------------------------------------------------------------------------------------
 # The table: one correct call per public function, and its oracle
@@ -162,7 +162,7 @@ TABLE: dict[str, Entry] = {
     "log_loss": Entry(
         xent.log_loss,
         sklearn.metrics.log_loss,
-        dict(y_true=TARGET.remainder(3), y_pred=PROBS[:, :3].double().softmax(1)),
+        dict(y_true=TARGET.remainder(3), y_proba=PROBS[:, :3].double().softmax(1)),
     ),
     "nn.CrossEntropyLoss": Entry(
         *_module(xent.nn.CrossEntropyLoss),
@@ -404,8 +404,60 @@ CASES: list[Case] = [
 ]
 
 
+def _option(name: str, option: str, value: Any, **expect: Any) -> Case:
+    """``TABLE[name]``'s correct call with ``option`` set to ``value`` (for a module: a
+    constructor option); the message must name the option unless ``mentions`` says otherwise."""
+    if isinstance(value, torch.Tensor):
+        shown = f"tensor-{str(value.dtype).removeprefix('torch.')}"
+    elif isinstance(value, (str, complex, bool)) or value is None:
+        shown = type(value).__name__
+    else:
+        shown = repr(value)
+    if option in TABLE[name].args:
+        args, kwargs = _with(name, option, value)
+    else:
+        args, kwargs = _with(name, option, None)
+        kwargs[option] = value
+    mentions = expect.pop("mentions", (option,))
+    return Case(name, f"{option}={shown}", args, kwargs, mentions=mentions, **expect)
+
+
+# Numeric options: what PyTorch's argument parser refuses (TypeError), what its kernels refuse
+# (RuntimeError: xent's error is also a ValueError, InvalidValueError) and where xent is stricter.
+_CE_LIKE = ("cross_entropy", "nn.CrossEntropyLoss")
+_NLL_LIKE = ("cross_entropy", "nll_loss", "nn.CrossEntropyLoss", "nn.NLLLoss")
+OPTION_CASES: list[Case] = [
+    *(_option(n, "label_smoothing", v) for n in _CE_LIKE for v in (1j, "0.1", None)),
+    *(_option(n, "label_smoothing", 1.5, mentions=("1.5",)) for n in _CE_LIKE),
+    # PyTorch silently ignores negative and NaN smoothing: xent refuses it (a deviation).
+    *(
+        _option(n, "label_smoothing", v, raises=InvalidValueError, mentions=(repr(v),))
+        for n in _CE_LIKE
+        for v in (-0.1, float("nan"))
+    ),
+    *(_option(n, "ignore_index", v) for n in _NLL_LIKE for v in (1.0, True, "a", 1j)),
+    # A class weight of another dtype than the input's: PyTorch's RuntimeError.
+    *(
+        _option(n, "weight", PROBS[0].to(dtype), mentions=(str(dtype),))
+        for n in _NLL_LIKE
+        for dtype in (torch.float64, torch.float16)
+    ),
+    *(_option(n, "delta", v, mentions=(repr(v),)) for n in ("huber_loss",) for v in (0.0, -1.0)),
+    _option("huber_loss", "delta", float("nan"), mentions=("nan",)),
+    *(_option("huber_loss", "delta", v) for v in (1j, "1", None, torch.ones(1))),
+    *(_option("nn.HuberLoss", "delta", v) for v in (1j, "1", None, torch.tensor(1.0))),
+    _option("nn.HuberLoss", "delta", -1.0, mentions=("-1.0",)),
+    *(_option(n, "log_target", v) for n in ("kl_div", "nn.KLDivLoss") for v in ("yes", 1j, 1)),
+    _option("softmax", "dim", 1.0),
+    _option("log_softmax", "dim", "1"),
+    # Probabilities outside [0, 1]: PyTorch's RuntimeError, with the value here.
+    Case("binary_cross_entropy", "input-above-1", (PROBS + 1, PROBS), {}, mentions=("input",)),
+    Case("nn.BCELoss", "target-below-0", (PROBS, -PROBS), {}, mentions=("target",)),
+]
+
+
 def _all_cases() -> list[Case]:
-    cases = list(CASES)
+    cases = list(CASES) + OPTION_CASES
     for name, entry in TABLE.items():
         if entry.derive:
             cases.extend(_derived(name, entry))
@@ -541,7 +593,7 @@ def test_misuse_errors_are_pytorchs_types_and_the_earlier_ones() -> None:
         "cross_entropy(): argument 'target' (position 2) must be Tensor, not list"
     )
     assert isinstance(info.value, AttributeError) and isinstance(info.value, NotATensorError)
-    with pytest.raises(TypeError, match=r"argument 'pos_weight' \(position 5\) .* numpy\.ndarray"):
+    with pytest.raises(TypeError, match=r"argument 'pos_weight' \(position 7\) .* numpy\.ndarray"):
         xent.binary_cross_entropy_with_logits(LOGITS, PROBS, pos_weight=np.ones(5))
     with pytest.raises(TypeError, match=r"^linear_cross_entropy\(\): argument 'linear_bias' must"):
         xent.linear_cross_entropy(HIDDEN, HEAD, TARGET, linear_bias=[0.0] * 5)
@@ -550,3 +602,26 @@ def test_misuse_errors_are_pytorchs_types_and_the_earlier_ones() -> None:
             xent.softmax(_INTS, 1)
     with pytest.raises(ValueError, match="Complex data not supported"):
         xent.log_loss([0, 1], np.array([[0.5, 0.5], [0.2, 0.8]], dtype=complex))
+
+
+def test_stricter_errors_are_value_and_runtime_errors() -> None:
+    """Where PyTorch raises RuntimeError and xent refuses with a better message (or where it is
+    stricter), the error is both, so code catching either keeps working; and HuberLoss refuses
+    a delta that is not a float or int at construction, as PyTorch's does."""
+    assert issubclass(InvalidValueError, ValueError) and issubclass(InvalidValueError, RuntimeError)
+    checked = 0
+    for case in OPTION_CASES:
+        ours = _outcome(TABLE[case.name].ours, case.args, case.kwargs)
+        theirs = _outcome(TABLE[case.name].oracle, case.args, case.kwargs)
+        if isinstance(theirs, Exception) and _builtin_type(theirs) is RuntimeError:
+            assert isinstance(ours, InvalidValueError), (case.name, case.id, ours)
+            checked += 1
+        elif case.raises is InvalidValueError:
+            assert isinstance(ours, InvalidValueError), (case.name, case.id, ours)
+            checked += 1
+    assert checked >= 16
+    for delta in (1j, "1", None, torch.tensor(1.0), np.float32(1.0)):
+        with pytest.raises(TypeError):
+            torch.nn.HuberLoss(delta=delta)
+        with pytest.raises(TypeError, match=re.escape(repr(delta))):
+            xent.nn.HuberLoss(delta=delta)

@@ -7,6 +7,8 @@ in the message, before any arithmetic happens.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -34,22 +36,91 @@ def check_reduction(reduction: str, choices: tuple[str, ...] = REDUCTIONS) -> No
         )
 
 
-def check_label_smoothing(label_smoothing: float) -> float:
-    """Return ``label_smoothing`` as a float, or raise ``ValueError`` outside ``[0, 1]`` or NaN.
+# PyTorch's text, verbatim, so warning filters written for it still match.
+LEGACY_REDUCTION_WARNING = (
+    "size_average and reduce args will be deprecated, please use reduction='{}' instead."
+)
 
-    PyTorch silently ignores negative and NaN values; xent refuses them (a deliberate deviation).
+
+def legacy_reduction(
+    size_average: bool | None, reduce: bool | None, reduction: str, *, stacklevel: int = 3
+) -> str:
+    """The reduction a call asks for, the deprecated ``size_average`` and ``reduce`` included.
+
+    Both ``None``: ``reduction`` itself. Otherwise they override it, as in PyTorch: each ``None``
+    counts as true, and then ``reduce`` false gives ``"none"``, ``size_average`` false ``"sum"``,
+    both true ``"mean"`` (truthiness, so ``0`` and ``1`` work as in PyTorch), with PyTorch's
+    ``UserWarning`` naming the equivalent ``reduction=``. ``stacklevel`` 3 points the warning at
+    the caller of the public function that asks.
     """
-    value = float(label_smoothing)
+    if size_average is None and reduce is None:
+        return reduction
+    average = True if size_average is None else size_average
+    keep = True if reduce is None else reduce
+    legacy = "none" if not keep else "mean" if average else "sum"
+    warnings.warn(LEGACY_REDUCTION_WARNING.format(legacy), UserWarning, stacklevel=stacklevel)
+    return legacy
+
+
+def check_label_smoothing(
+    label_smoothing: float, function: Callable[..., Any] | None = None
+) -> float:
+    """Return ``label_smoothing`` as a float; :class:`InvalidValueError` outside ``[0, 1]`` or NaN.
+
+    PyTorch raises ``RuntimeError`` above 1 and silently ignores negative and NaN values; xent
+    refuses all three (a deliberate deviation).
+    """
+    value = check_number(function, "label_smoothing", label_smoothing, "float")
     if not 0.0 <= value <= 1.0:  # NaN fails it too (no math.isnan: torch.compile traces this)
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        raise InvalidValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return value
+
+
+def check_number(function: Callable[..., Any] | None, name: str, value: object, kind: str) -> Any:
+    """``value`` as the Python ``float``, ``int`` or ``bool`` (``kind``) a numeric option holds.
+
+    Accepts what PyTorch's argument parser accepts for such an option: for ``"float"`` a real
+    number (bool, int, float, a NumPy real scalar) or a 0-d real tensor without a gradient; for
+    ``"int"`` an integer (not a bool), a NumPy integer or a 0-d integer tensor; for ``"bool"``
+    only ``True`` or ``False``. Anything else (complex, strings, ``None``, NumPy 0-d arrays,
+    ``Decimal``) raises ``TypeError`` in PyTorch's words, naming the argument, its position and
+    the type. Complex 0-d tensors, which PyTorch reads by their real part, are refused too.
+    """
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = (isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))) or (
+            isinstance(value, torch.Tensor)
+            and value.dim() == 0
+            and not value.is_floating_point()
+            and not value.is_complex()
+            and value.dtype != torch.bool
+        )
+    else:
+        ok = isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)) or (
+            isinstance(value, torch.Tensor)
+            and value.dim() == 0
+            and not value.is_complex()
+            and not value.requires_grad
+        )
+    if not ok:
+        prefix, where = "", ""
+        if function is not None:
+            position, _ = _slot(function, name)
+            prefix = f"{function.__name__}(): "
+            where = "" if position is None else f" (position {position})"
+        shown = "Tensor" if isinstance(value, torch.Tensor) else type_name(value)
+        raise TypeError(
+            f"{prefix}argument '{name}'{where} must be {kind}, not {shown} (got {value!r})"
+        )
+    return {"bool": bool, "int": int, "float": float}[kind](value)
 
 
 def check_floating(name: str, tensor: torch.Tensor) -> None:
     """Raise :class:`DtypeError` unless ``tensor`` has a floating dtype (``TypeError`` for a
     non-tensor)."""
     if not isinstance(tensor, torch.Tensor):
-        raise NotATensorError(f"{name} must be a torch.Tensor, got {_type_name(tensor)}")
+        raise NotATensorError(f"{name} must be a torch.Tensor, got {type_name(tensor)}")
     if not tensor.is_floating_point():
         raise DtypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
 
@@ -76,8 +147,8 @@ def check_broadcastable(function: str, input: torch.Tensor, target: torch.Tensor
 def check_logits(input: torch.Tensor) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() == 0:
-        raise ValueError(
+    if input.dim() == 0:  # PyTorch: RuntimeError (cross_entropy) or ValueError (nll_loss)
+        raise InvalidValueError(
             "input must have a class dimension: expected (C), (N, C) or "
             "(N, C, d1, ..., dK), got a 0-d tensor"
         )
@@ -97,6 +168,17 @@ def check_class_weight(weight: torch.Tensor | None, num_classes: int) -> None:
         raise RuntimeError(
             "class weights are not differentiable in xent (nor in PyTorch); "
             "pass weight.detach() instead of a tensor that requires grad"
+        )
+
+
+def check_weight_dtype(weight: torch.Tensor | None, input: torch.Tensor) -> None:
+    """:class:`InvalidValueError` unless the class weights of a class-index loss have the
+    input's dtype: PyTorch refuses a mismatch (``RuntimeError: expected scalar type Float but
+    found Double``) rather than promoting, and so does xent."""
+    if weight is not None and weight.dtype != input.dtype:
+        raise InvalidValueError(
+            f"weight must have the input's dtype {input.dtype} for class-index targets, got "
+            f"{weight.dtype}; cast it with weight.to(input.dtype)"
         )
 
 
@@ -319,12 +401,25 @@ class DtypeError(NotImplementedError, TypeError):
     """
 
 
-class ComplexDataError(ValueError, TypeError):
+class InvalidValueError(ValueError, RuntimeError):
+    """A value xent refuses, with the value in the message, where PyTorch raises ``RuntimeError``
+    (or computes silently): ``label_smoothing`` outside ``[0, 1]``, a Huber ``delta ≤ 0``,
+    probabilities outside ``[0, 1]``. ``ValueError`` says what it is; ``RuntimeError`` keeps code
+    written against PyTorch catching it.
+    """
+
+
+class ParameterError(ValueError, TypeError):
+    """An argument of the wrong type where scikit-learn raises its ``InvalidParameterError``,
+    which is both; xent raised ``TypeError``."""
+
+
+class ComplexDataError(ParameterError):
     """Complex values given to ``log_loss``: scikit-learn raises ``ValueError``, xent raised
     ``TypeError``; this is both."""
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
     """``list``, ``float``, ``numpy.ndarray``: a type's name as PyTorch prints it."""
     kind = type(value)
     return (
@@ -347,7 +442,7 @@ def check_tensor(
         return
     where = "" if position is None else f" (position {position})"
     raise NotATensorError(
-        f"{function}(): argument '{name}'{where} must be Tensor, not {_type_name(value)}"
+        f"{function}(): argument '{name}'{where} must be Tensor, not {type_name(value)}"
     )
 
 

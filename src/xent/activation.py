@@ -13,10 +13,25 @@ operations (``∂ lse / ∂x = softmax(x)``; the max is a constant shift and is 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from xent._numerics import compute_dtype
-from xent._validation import DtypeError, check_tensor_args
+from xent._validation import DtypeError, check_number, check_tensor_args
+
+
+def _implicit_dim(function: str, ndim: int, stacklevel: int) -> int:
+    """The dimension PyTorch's ``softmax``/``log_softmax`` take when ``dim`` is left out (0 for
+    0-, 1- and 3-d inputs, else 1), with PyTorch's deprecation ``UserWarning``; ``stacklevel``
+    counts as PyTorch's ``_stacklevel`` does (3: the caller of the public function)."""
+    warnings.warn(
+        f"Implicit dimension choice for {function} has been deprecated. "
+        "Change the call to include dim=X as an argument.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
 
 
 def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -54,7 +69,11 @@ def _softmax_input(function: str, input: torch.Tensor, dtype: torch.dtype | None
 
 
 def logsumexp(
-    input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
+    input: torch.Tensor,
+    dim: int | tuple[int, ...],
+    keepdim: bool = False,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log of the sum of exponentials along ``dim``, computed without overflow.
 
@@ -68,20 +87,30 @@ def logsumexp(
             complex ``log Σ exp`` (principal branch), shifted by the largest real part.
         dim: dimension (or dimensions) to reduce.
         keepdim: keep the reduced dimension with size 1.
+        out: optional tensor the result is written into (resized to fit, cast to its floating
+            or complex dtype) and returned; as in PyTorch, not with inputs that require grad.
 
     Returns:
         ``input``'s shape without ``dim`` (or with size 1 there if ``keepdim``), ``input``'s dtype
-        (the default dtype for integer or boolean inputs). A row of all ``-inf`` gives ``-inf``;
-        a row holding ``+inf`` gives ``+inf``.
+        (the default dtype for integer or boolean inputs), or ``out``. A row of all ``-inf``
+        gives ``-inf``; a row holding ``+inf`` gives ``+inf``.
 
-    Equals ``torch.logsumexp(input, dim, keepdim)``.
+    Equals ``torch.logsumexp(input, dim, keepdim, out=out)``.
 
     Example:
         >>> import torch, xent
         >>> xent.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
         tensor(1000.6932)
     """
-    check_tensor_args(logsumexp, input=input)
+    check_tensor_args(logsumexp, input=input, out=out)
+    if out is not None:
+        if torch.is_grad_enabled() and (input.requires_grad or out.requires_grad):
+            raise RuntimeError(
+                "logsumexp(): out= does not support autograd, and an argument requires grad; "
+                "call it without out=, or under torch.no_grad()"
+            )
+        if not (out.is_floating_point() or out.is_complex()):
+            raise DtypeError(f"logsumexp(): out must have a floating dtype, got {out.dtype}")
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     if input.is_complex():
         # exp(z - m) with m real: |exp(z - m)| = exp(Re z - m) ≤ 1, so the real shift suffices.
@@ -94,13 +123,22 @@ def logsumexp(
         m = x.detach().amax(dim=dims, keepdim=True)
     # Unlike log-softmax, log-sum-exp has a finite-or-infinite answer for ±inf rows: shift by 0.
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    out = (x - m).exp().sum(dim=dims, keepdim=True).log() + m
+    result = (x - m).exp().sum(dim=dims, keepdim=True).log() + m
     if not keepdim:
-        out = out.squeeze(dims)
-    return out.to(input.dtype)
+        result = result.squeeze(dims)
+    result = result.to(input.dtype)
+    if out is None:
+        return result
+    out.resize_(result.shape)
+    return out.copy_(result)
 
 
-def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def log_softmax(
+    input: torch.Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Logarithm of the softmax along ``dim``: ``x - logsumexp(x)``.
 
     .. math::
@@ -110,7 +148,9 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
 
     Args:
         input: tensor of any shape and floating dtype (any dtype with a floating ``dtype=``).
-        dim: the class dimension.
+        dim: the class dimension. Left out (``None``), PyTorch's deprecated implicit choice: 0
+            for 0-, 1- and 3-d inputs, else 1, with PyTorch's ``UserWarning``.
+        _stacklevel: the warning's stack level, as in PyTorch (3: the caller).
         dtype: if given, a floating dtype ``input`` is cast to first (as in PyTorch).
 
     Returns:
@@ -121,7 +161,7 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
         NotImplementedError: an integer, boolean or complex ``input`` without a floating
             ``dtype=``, or a non-floating ``dtype=`` (as in PyTorch; also a ``TypeError``).
 
-    Equals ``torch.nn.functional.log_softmax(input, dim, dtype=dtype)``; shifting every logit
+    Equals ``torch.nn.functional.log_softmax(input, dim, _stacklevel, dtype)``; shifting every logit
     in a row by the same constant leaves the result unchanged, even for offsets of 1e4 in fp32.
 
     Example:
@@ -130,6 +170,9 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
         tensor([-2.4076, -1.4076, -0.4076])
     """
     check_tensor_args(log_softmax, input=input)
+    if dim is None:
+        dim = _implicit_dim("log_softmax", input.dim(), _stacklevel)
+    dim = check_number(log_softmax, "dim", dim, "int")
     input = _softmax_input("log_softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
     shifted = x - _stable_max(x, dim)
@@ -137,7 +180,12 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
     return out.to(input.dtype)
 
 
-def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def softmax(
+    input: torch.Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Normalised exponentials along ``dim``: ``exp(x - m) / Σ exp(x - m)``.
 
     .. math::
@@ -147,7 +195,9 @@ def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) 
 
     Args:
         input: tensor of any shape and floating dtype (any dtype with a floating ``dtype=``).
-        dim: the class dimension.
+        dim: the class dimension. Left out (``None``), PyTorch's deprecated implicit choice: 0
+            for 0-, 1- and 3-d inputs, else 1, with PyTorch's ``UserWarning``.
+        _stacklevel: the warning's stack level, as in PyTorch (3: the caller).
         dtype: if given, a floating dtype ``input`` is cast to first (as in PyTorch).
 
     Returns:
@@ -157,7 +207,7 @@ def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) 
         NotImplementedError: an integer, boolean or complex ``input`` without a floating
             ``dtype=``, or a non-floating ``dtype=`` (as in PyTorch; also a ``TypeError``).
 
-    Equals ``torch.nn.functional.softmax(input, dim, dtype=dtype)``.
+    Equals ``torch.nn.functional.softmax(input, dim, _stacklevel, dtype)``.
 
     Example:
         >>> import torch, xent
@@ -165,6 +215,9 @@ def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) 
         tensor([0.0900, 0.2447, 0.6652])
     """
     check_tensor_args(softmax, input=input)
+    if dim is None:
+        dim = _implicit_dim("softmax", input.dim(), _stacklevel)
+    dim = check_number(softmax, "dim", dim, "int")
     input = _softmax_input("softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
     e = (x - _stable_max(x, dim)).exp()

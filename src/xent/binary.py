@@ -16,11 +16,13 @@ from torch.autograd.function import FunctionCtx
 
 from xent._numerics import compute_dtype, concrete, reduce
 from xent._validation import (
+    InvalidValueError,
     Reduction,
     check_floating,
     check_reduction,
     check_same_shape,
     check_tensor_args,
+    legacy_reduction,
     value_check,
 )
 
@@ -37,7 +39,8 @@ GRAD_EPS = 9.999999960041972e-13
 
 
 def _check_unit_interval(name: str, x: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming the first element of ``x`` outside ``[0, 1]`` (NaN included)."""
+    """Raise :class:`InvalidValueError` (PyTorch: ``RuntimeError``) naming the first element of
+    ``x`` outside ``[0, 1]`` (NaN included)."""
     x = concrete(x)  # under torch.func transforms: the values beneath the wrappers
     how = value_check(x)
     if how == "none":
@@ -46,7 +49,7 @@ def _check_unit_interval(name: str, x: torch.Tensor) -> None:
     if how == "host":
         if bool(outside.any()):
             bad = x[outside].flatten()[0].item()
-            raise ValueError(f"all elements of {name} should be between 0 and 1, got {bad}")
+            raise InvalidValueError(f"all elements of {name} should be between 0 and 1, got {bad}")
     else:
         # No host sync on accelerators: the check runs on the device and fails the stream.
         torch._assert_async(~outside.any(), f"xent: all elements of {name} should be in [0, 1]")
@@ -162,6 +165,8 @@ def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Binary cross-entropy between predicted probabilities and targets.
@@ -182,16 +187,21 @@ def binary_cross_entropy(
         target: ``y``, shape ``(*)`` (the input's), the input's dtype (else ``RuntimeError``, as
             in PyTorch), every element in ``[0, 1]``.
         weight: optional per-element rescaling that broadcasts to ``(*)``; no gradient.
+        size_average: deprecated, as in PyTorch: with ``reduce``, if either is not None, it
+            overrides ``reduction``, with PyTorch's ``UserWarning``.
+        reduce: deprecated, as in PyTorch (see ``size_average``).
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
 
     Returns:
         ``(*)`` for ``"none"``, else a scalar; the input's dtype. ``"mean"`` of an empty input is
         NaN, ``"sum"`` is 0.
 
-    Equals ``torch.nn.functional.binary_cross_entropy(input, target, weight, reduction=reduction)``.
+    Equals ``torch.nn.functional.binary_cross_entropy(input, target, weight, size_average, reduce,
+    reduction)``.
 
-    Differences from PyTorch: an input or target element outside ``[0, 1]`` (or NaN) raises
-    ``ValueError`` naming the value (PyTorch raises ``RuntimeError`` without it); fp16/bf16 are
+    Differences from PyTorch: an input or target element outside ``[0, 1]`` (or NaN) raises an
+    error that is both ``ValueError`` and ``RuntimeError``, naming the value (PyTorch raises
+    ``RuntimeError`` without it); fp16/bf16 are
     computed and reduced in fp32 and returned in their own dtype; a non-floating input or target
     raises ``TypeError``.
 
@@ -209,6 +219,7 @@ def binary_cross_entropy(
     )
     check_floating("input", input)
     check_floating("target", target)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
     check_same_shape("input", input, "target", target)
     if target.dtype != input.dtype:
@@ -376,6 +387,8 @@ def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: Reduction = "mean",
     pos_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -397,6 +410,9 @@ def binary_cross_entropy_with_logits(
         input: logits ``z``, any shape ``(*)``, floating dtype.
         target: ``y``, shape ``(*)`` (the input's), floating dtype; not range-checked.
         weight: optional per-element rescaling that broadcasts to ``(*)``; no gradient.
+        size_average: deprecated, as in PyTorch: with ``reduce``, if either is not None, it
+            overrides ``reduction``, with PyTorch's ``UserWarning``.
+        reduce: deprecated, as in PyTorch (see ``size_average``).
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
         pos_weight: optional weight ``p_w`` of the positive term, broadcast along the last (class)
             dimension: shape ``(C)`` for ``(*, C)`` inputs (or anything else that broadcasts to
@@ -407,7 +423,7 @@ def binary_cross_entropy_with_logits(
         an empty input is NaN, ``"sum"`` is 0.
 
     Equals ``torch.nn.functional.binary_cross_entropy_with_logits(input, target, weight,
-    reduction=reduction, pos_weight=pos_weight)``.
+    size_average, reduce, reduction, pos_weight)``.
 
     Differences from PyTorch: at ``z = ±inf`` the loss is its limit (0 when the target matches,
     ``+inf`` otherwise; exactly ``p_w y · inf`` or ``(1 - y) · inf`` with ``0 · inf = 0``) where
@@ -435,6 +451,7 @@ def binary_cross_entropy_with_logits(
     )
     check_floating("input", input)
     check_floating("target", target)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
     check_same_shape("input", input, "target", target)
     _check_option("binary_cross_entropy_with_logits", "weight", weight, input)

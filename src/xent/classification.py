@@ -25,12 +25,15 @@ from xent._validation import (
     check_index_target,
     check_label_smoothing,
     check_logits,
+    check_number,
     check_prob_target,
     check_reduction,
     check_softcap,
     check_target_range,
     check_tensor_args,
+    check_weight_dtype,
     check_z_loss,
+    legacy_reduction,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +66,9 @@ def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -99,10 +104,15 @@ def cross_entropy(
         target: class indices ``()``, ``(N)`` or ``(N, d1, …, dK)`` with values in ``[0, C)``
             or equal to ``ignore_index``; or probabilities with ``input``'s shape and a floating
             dtype (no check that they sum to 1; differentiable).
-        weight: optional ``(C)`` class weights, may be negative; not differentiable.
+        weight: optional ``(C)`` class weights, may be negative; not differentiable; the input's
+            dtype for class-index targets (else ``RuntimeError``, as in PyTorch).
+        size_average: deprecated, as in PyTorch: with ``reduce``, if either is not None, it
+            overrides ``reduction`` (see :func:`xent._validation.legacy_reduction`) with
+            PyTorch's ``UserWarning``.
         ignore_index: class-index targets equal to it contribute nothing and are left out of the
             ``"mean"`` denominator (their logits still enter every softmax). Any integer, also
             outside ``[0, C)``. Probability targets accept only negative values (unused).
+        reduce: deprecated, as in PyTorch (see ``size_average``).
         reduction: ``"none"`` (shape of a class-index target), ``"mean"`` or ``"sum"`` (scalars).
         label_smoothing: ``ε`` in ``[0, 1]``.
         z_loss: ``ζ ≥ 0`` (keyword-only): adds ``ζ · lse(x)²`` to each counted element's loss
@@ -131,11 +141,13 @@ def cross_entropy(
         The loss in ``input``'s dtype. All targets ignored: ``"mean"`` is NaN (with a zero
         gradient), ``"sum"`` is 0. An empty batch: ``"mean"`` is NaN, ``"sum"`` is 0.
 
-    Equals ``torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
-    reduction=reduction, label_smoothing=label_smoothing)``, except (deliberate deviations):
+    Equals ``torch.nn.functional.cross_entropy(input, target, weight, size_average, ignore_index,
+    reduce, reduction, label_smoothing)`` (the same parameters in the same order; xent's own
+    options are keyword-only), except (deliberate deviations):
 
-    * ``label_smoothing`` outside ``[0, 1]`` or NaN raises ``ValueError`` (PyTorch silently
-      ignores negative and NaN values);
+    * ``label_smoothing`` outside ``[0, 1]`` or NaN raises an error that is both ``ValueError``
+      and ``RuntimeError`` (PyTorch raises ``RuntimeError`` above 1 and silently ignores
+      negative and NaN values);
     * fp16/bf16 inputs are computed and reduced in fp32 and rounded once, so a ``"mean"`` over
       many rows stays finite (PyTorch's CPU kernel overflows to inf/NaN past ~60 000 fp16 rows);
     * class-index targets may have any integer dtype (PyTorch takes only int64 and uint8).
@@ -143,9 +155,13 @@ def cross_entropy(
     Raises:
         IndexError: a target outside ``[0, C)`` that is not ``ignore_index``, e.g.
             ``Target 5 is out of bounds.``
-        ValueError: an unknown ``reduction``, bad ``label_smoothing``, batch-size mismatch.
+        ValueError: an unknown ``reduction``, batch-size mismatch.
+        ValueError and RuntimeError (:class:`xent._validation.InvalidValueError`): bad
+            ``label_smoothing``; a class weight of another dtype than a class-index input's.
         RuntimeError: target size or weight length that does not fit ``input``; a wrong target
             dtype.
+        TypeError: ``ignore_index`` that is not an integer, ``label_smoothing`` that is not a
+            real number (as in PyTorch).
 
     Example:
         >>> import torch, xent
@@ -158,8 +174,10 @@ def cross_entropy(
     check_tensor_args(
         cross_entropy, input=input, target=target, weight=weight, floating=("input", "weight")
     )
+    reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
-    eps = check_label_smoothing(label_smoothing)
+    ignore_index = check_number(cross_entropy, "ignore_index", ignore_index, "int")
+    eps = check_label_smoothing(label_smoothing, cross_entropy)
     vocab_parallel = None
     if parallel.is_dtensor(input):  # vocabulary-sharded logits: the vocabulary-parallel path
         input, vocab_parallel = parallel.from_dtensor(input, 1 if input.dim() > 1 else 0, "input")
@@ -170,6 +188,8 @@ def cross_entropy(
     if vocab_parallel is not None:
         num_classes = vocab_parallel.vocab
     check_class_weight(weight, num_classes)
+    if not policy.is_probability_target(input, target):
+        check_weight_dtype(weight, input)
     impl = dispatch.resolve(impl, input)
     z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
     if impl == "reference":
@@ -179,7 +199,7 @@ def cross_entropy(
             input, target, weight, ignore_index, reduction, eps, z_loss=z_loss, softcap=softcap
         )
     params = CEParams(
-        int(ignore_index), reduction, eps, z_loss, softcap, check_chunk_size(chunk_size), impl
+        ignore_index, reduction, eps, z_loss, softcap, check_chunk_size(chunk_size), impl
     )
     if policy.is_probability_target(input, target):
         check_prob_target(input, target, ignore_index)
@@ -202,7 +222,9 @@ def nll_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Negative log-likelihood of class indices under given log-probabilities.
@@ -219,16 +241,20 @@ def nll_loss(
             Nothing checks that they are normalised: the loss is simply linear in ``input``.
         target: class indices ``()``, ``(N)`` or ``(N, d1, …, dK)`` in ``[0, C)`` or
             ``ignore_index``.
-        weight: optional ``(C)`` class weights.
+        weight: optional ``(C)`` class weights of the input's dtype (else ``RuntimeError``, as
+            in PyTorch).
+        size_average: deprecated, as in PyTorch: with ``reduce``, if either is not None, it
+            overrides ``reduction``, with PyTorch's ``UserWarning``.
         ignore_index: targets equal to it contribute nothing and leave the mean's denominator.
+        reduce: deprecated, as in PyTorch (see ``size_average``).
         reduction: ``"none"`` (target's shape), ``"mean"`` or ``"sum"``.
 
     Returns:
         The loss in ``input``'s dtype (fp16/bf16 are reduced in fp32: a deviation, as in
         :func:`cross_entropy`).
 
-    Equals ``torch.nn.functional.nll_loss(input, target, weight, ignore_index=ignore_index,
-    reduction=reduction)``.
+    Equals ``torch.nn.functional.nll_loss(input, target, weight, size_average, ignore_index,
+    reduce, reduction)``.
 
     Raises:
         IndexError: a target outside ``[0, C)`` that is not ``ignore_index``.
@@ -243,12 +269,15 @@ def nll_loss(
     check_tensor_args(
         nll_loss, input=input, target=target, weight=weight, floating=("input", "weight")
     )
+    reduction = legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
+    ignore_index = check_number(nll_loss, "ignore_index", ignore_index, "int")
     check_logits(input)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     check_class_weight(weight, num_classes)
     check_index_target(input, target, ignore_index)
+    check_weight_dtype(weight, input)
     check_target_range(target, num_classes, ignore_index)
-    params = CEParams(int(ignore_index), reduction)
+    params = CEParams(ignore_index, reduction)
     loss = NLLFn.apply(_as_rows(input), target.reshape(-1).long(), weight, params)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss

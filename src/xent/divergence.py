@@ -15,13 +15,16 @@ from typing import Literal
 
 import torch
 
-from xent._numerics import compute_dtype, reduce
+from xent import _numerics
+from xent._numerics import compute_dtype
 from xent._validation import (
     check_broadcastable,
     check_floating,
+    check_number,
     check_reduction,
     check_tensor_args,
     floating_or_default,
+    legacy_reduction,
 )
 
 KLReduction = Literal["none", "mean", "sum", "batchmean"]
@@ -38,6 +41,8 @@ MEAN_WARNING = (
 def kl_div(
     input: torch.Tensor,
     target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: KLReduction = "mean",
     log_target: bool = False,
 ) -> torch.Tensor:
@@ -63,14 +68,20 @@ def kl_div(
     Args:
         input: log-probabilities ``x``, any shape ``(*)``, floating dtype.
         target: ``y``, a shape that broadcasts with ``(*)``, floating dtype.
+        size_average: deprecated, as in PyTorch: with ``reduce``, if either is not None, it
+            picks ``"none"``, ``"mean"`` or ``"sum"`` in place of ``reduction`` (with PyTorch's
+            ``UserWarning``, and without the ``"mean"`` one); a ``reduction`` of
+            ``"batchmean"`` then still divides that result by ``input.size(0)``, as in PyTorch.
+        reduce: deprecated, as in PyTorch (see ``size_average``).
         reduction: ``"none"`` | ``"mean"`` | ``"sum"`` | ``"batchmean"``.
-        log_target: the target holds log-probabilities.
+        log_target: the target holds log-probabilities (a ``bool``, else ``TypeError`` as in
+            PyTorch).
 
     Returns:
         The broadcast shape for ``"none"``, else a scalar; the promoted dtype of input and target.
 
-    Equals ``torch.nn.functional.kl_div(input, target, reduction=reduction,
-    log_target=log_target)``.
+    Equals ``torch.nn.functional.kl_div(input, target, size_average, reduce, reduction,
+    log_target)``.
 
     Differences from PyTorch: fp16/bf16 are computed and reduced in fp32 and returned in their own
     dtype; a non-floating input or target raises ``TypeError`` (PyTorch: ``RuntimeError``).
@@ -85,10 +96,15 @@ def kl_div(
     check_tensor_args(kl_div, input=input, target=target)
     check_floating("input", input)
     check_floating("target", target)
-    check_reduction(reduction, KL_REDUCTIONS)
+    if size_average is None and reduce is None:
+        check_reduction(reduction, KL_REDUCTIONS)
+        applied = "sum" if reduction == "batchmean" else reduction
+        if reduction == "mean":
+            warnings.warn(MEAN_WARNING, UserWarning, stacklevel=2)
+    else:
+        applied = legacy_reduction(size_average, reduce, reduction)
+    log_target = check_number(kl_div, "log_target", log_target, "bool")
     check_broadcastable("kl_div", input, target)
-    if reduction == "mean":
-        warnings.warn(MEAN_WARNING, UserWarning, stacklevel=2)
     out_dtype = torch.promote_types(input.dtype, target.dtype)
     cdtype = compute_dtype(out_dtype)
     x, y = input.to(cdtype), target.to(cdtype)
@@ -97,10 +113,9 @@ def kl_div(
     else:
         # xlogy(y, y) is y log y with 0 log 0 = 0 (NaN for y < 0); its gradient is PyTorch's.
         loss = torch.xlogy(y, y) - y * x
-    if reduction == "batchmean":
-        out = loss.sum() / input.shape[0] if input.dim() else loss.sum()
-    else:
-        out = reduce(loss, reduction)
+    out = _numerics.reduce(loss, applied)
+    if reduction == "batchmean" and input.dim():
+        out = out / input.shape[0]
     return out.to(out_dtype)
 
 

@@ -1,9 +1,11 @@
 """``torch.nn.Module`` wrappers: each stores its options and calls the matching xent function.
 
-The constructors take PyTorch's arguments (without the long-deprecated ``size_average`` and
-``reduce``), so ``torch.nn.CrossEntropyLoss(...)`` becomes ``xent.nn.CrossEntropyLoss(...)``.
-Class weights and ``pos_weight`` are registered as buffers, so they follow ``.to(device)`` and
-land in the ``state_dict`` exactly as in PyTorch.
+The constructors take PyTorch's parameters in PyTorch's order, the deprecated ``size_average``
+and ``reduce`` included (if either is given it sets ``self.reduction`` at construction, with
+PyTorch's warning), so ``torch.nn.CrossEntropyLoss(...)`` becomes
+``xent.nn.CrossEntropyLoss(...)`` whether its arguments are positional or named. Class weights and
+``pos_weight`` are registered as buffers, so they follow ``.to(device)`` and land in the
+``state_dict`` exactly as in PyTorch.
 
 Example:
     >>> import torch, xent
@@ -20,12 +22,12 @@ import math
 import torch
 from torch import nn
 
-from xent._validation import Reduction
+from xent._validation import Reduction, legacy_reduction
 from xent.binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from xent.classification import cross_entropy, nll_loss
 from xent.divergence import kl_div
 from xent.fused import linear_cross_entropy
-from xent.regression import huber_loss
+from xent.regression import check_module_delta, huber_loss
 
 __all__ = [
     "BCELoss",
@@ -38,20 +40,41 @@ __all__ = [
 ]
 
 
-class _WeightedLoss(nn.Module):
-    weight: torch.Tensor | None
+class _Loss(nn.Module):
+    """Stores ``reduction``, or the one the deprecated ``size_average``/``reduce`` ask for."""
 
-    def __init__(self, weight: torch.Tensor | None, reduction: str) -> None:
+    def __init__(
+        self,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        *,
+        depth: int = 1,
+    ) -> None:
         super().__init__()
-        self.register_buffer("weight", weight)
-        self.reduction = reduction
+        # The warning points at the line that builds the module: ``depth`` constructors up.
+        self.reduction = legacy_reduction(size_average, reduce, reduction, stacklevel=3 + depth)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
 
 
+class _WeightedLoss(_Loss):
+    weight: torch.Tensor | None
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        size_average: bool | None,
+        reduce: bool | None,
+        reduction: str,
+    ) -> None:
+        super().__init__(size_average, reduce, reduction, depth=2)
+        self.register_buffer("weight", weight)
+
+
 class CrossEntropyLoss(_WeightedLoss):
-    """Module form of :func:`xent.cross_entropy`; same arguments as ``torch.nn.CrossEntropyLoss``.
+    """Module form of :func:`xent.cross_entropy`; the parameters of ``torch.nn.CrossEntropyLoss``.
 
     Shapes: input ``(C)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; target class indices (the input's
     shape without the class axis) or probabilities (the input's shape).
@@ -60,11 +83,13 @@ class CrossEntropyLoss(_WeightedLoss):
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: Reduction = "mean",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(weight, reduction)
+        super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
 
@@ -80,15 +105,17 @@ class CrossEntropyLoss(_WeightedLoss):
 
 
 class NLLLoss(_WeightedLoss):
-    """Module form of :func:`xent.nll_loss`; same arguments as ``torch.nn.NLLLoss``."""
+    """Module form of :func:`xent.nll_loss`; the parameters of ``torch.nn.NLLLoss``."""
 
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: Reduction = "mean",
     ) -> None:
-        super().__init__(weight, reduction)
+        super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -102,10 +129,16 @@ class NLLLoss(_WeightedLoss):
 
 
 class BCELoss(_WeightedLoss):
-    """Module form of :func:`xent.binary_cross_entropy`; arguments of ``torch.nn.BCELoss``."""
+    """Module form of :func:`xent.binary_cross_entropy`; the parameters of ``torch.nn.BCELoss``."""
 
-    def __init__(self, weight: torch.Tensor | None = None, reduction: Reduction = "mean") -> None:
-        super().__init__(weight, reduction)
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__(weight, size_average, reduce, reduction)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
@@ -114,7 +147,7 @@ class BCELoss(_WeightedLoss):
 class BCEWithLogitsLoss(_WeightedLoss):
     """Module form of :func:`xent.binary_cross_entropy_with_logits`.
 
-    Same arguments as ``torch.nn.BCEWithLogitsLoss``; ``pos_weight`` is a buffer like ``weight``.
+    The parameters of ``torch.nn.BCEWithLogitsLoss``; ``pos_weight`` is a buffer like ``weight``.
     """
 
     pos_weight: torch.Tensor | None
@@ -122,10 +155,12 @@ class BCEWithLogitsLoss(_WeightedLoss):
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
         reduction: Reduction = "mean",
         pos_weight: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(weight, reduction)
+        super().__init__(weight, size_average, reduce, reduction)
         self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -138,12 +173,21 @@ class BCEWithLogitsLoss(_WeightedLoss):
         )
 
 
-class KLDivLoss(nn.Module):
-    """Module form of :func:`xent.kl_div`; same arguments as ``torch.nn.KLDivLoss``."""
+class KLDivLoss(_Loss):
+    """Module form of :func:`xent.kl_div`; the parameters of ``torch.nn.KLDivLoss``.
 
-    def __init__(self, reduction: str = "mean", log_target: bool = False) -> None:
-        super().__init__()
-        self.reduction = reduction
+    As in PyTorch, ``size_average``/``reduce`` replace ``reduction`` at construction, so a module
+    built with them never divides by the batch size.
+    """
+
+    def __init__(
+        self,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        log_target: bool = False,
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
         self.log_target = log_target
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -153,16 +197,21 @@ class KLDivLoss(nn.Module):
         return f"reduction={self.reduction!r}, log_target={self.log_target}"
 
 
-class HuberLoss(nn.Module):
-    """Module form of :func:`xent.huber_loss`; same arguments as ``torch.nn.HuberLoss``."""
+class HuberLoss(_Loss):
+    """Module form of :func:`xent.huber_loss`; the parameters of ``torch.nn.HuberLoss``.
+
+    As in PyTorch, a ``delta`` that is not a Python ``float`` or ``int`` raises ``TypeError`` at
+    construction. ``forward`` also takes xent's per-element ``weight`` (keyword-only), which
+    :func:`xent.huber_loss` takes.
+    """
 
     def __init__(self, reduction: Reduction = "mean", delta: float = 1.0) -> None:
-        super().__init__()
-        self.reduction = reduction
+        check_module_delta(delta)
+        super().__init__(reduction=reduction)
         self.delta = delta
 
     def forward(
-        self, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+        self, input: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None = None
     ) -> torch.Tensor:
         return huber_loss(input, target, reduction=self.reduction, delta=self.delta, weight=weight)
 

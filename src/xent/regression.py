@@ -6,27 +6,40 @@ Gradients come from autograd through elementary operations, arranged so that the
 
 from __future__ import annotations
 
-import math
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from xent._numerics import compute_dtype, reduce
 from xent._validation import (
+    InvalidValueError,
     Reduction,
     check_broadcastable,
     check_floating,
+    check_number,
     check_reduction,
     check_same_shape,
     check_tensor_args,
+    type_name,
 )
 
 
-def _check_delta(delta: float) -> float:
-    value = float(delta)
-    if math.isnan(value) or value <= 0.0:
-        raise ValueError(f"delta must be > 0, got {delta!r}")
+def check_delta(delta: float, function: Callable[..., Any] | None = None) -> float:
+    """``delta`` as a float: ``TypeError`` for what is not a real number (as in PyTorch), and
+    :class:`~xent._validation.InvalidValueError` naming the value for ``delta ≤ 0`` or NaN
+    (PyTorch: ``RuntimeError``)."""
+    value = check_number(function, "delta", delta, "float")
+    if not value > 0.0:  # NaN fails it too (no math.isnan: torch.compile traces this)
+        raise InvalidValueError(f"delta must be > 0, got {delta!r}")
     return value
+
+
+def check_module_delta(delta: object) -> None:
+    """``HuberLoss``'s construction-time check, PyTorch's: a Python ``float`` or ``int``."""
+    if not isinstance(delta, (float, int)):
+        raise TypeError(f"delta must be a float or int, got {delta!r} ({type_name(delta)})")
 
 
 def huber_loss(
@@ -64,9 +77,10 @@ def huber_loss(
     Equals ``torch.nn.functional.huber_loss(input, target, reduction=reduction, delta=delta,
     weight=weight)``.
 
-    Differences from PyTorch: ``delta ≤ 0`` or NaN raises ``ValueError`` naming the value (PyTorch:
-    ``RuntimeError``), and an invalid ``reduction`` is refused before any arithmetic; fp16/bf16
-    are computed and reduced in fp32 and returned in their own dtype.
+    Differences from PyTorch: ``delta ≤ 0`` or NaN raises an error that is both ``ValueError``
+    and ``RuntimeError`` (PyTorch's type), naming the value; an invalid ``reduction`` is refused
+    before any arithmetic; fp16/bf16 are computed and reduced in fp32 and returned in their own
+    dtype.
 
     Example:
         >>> import torch
@@ -84,7 +98,7 @@ def huber_loss(
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     check_reduction(reduction)
-    delta = _check_delta(delta)
+    delta = check_delta(delta, huber_loss)
     if target.shape != input.shape:
         check_broadcastable("huber_loss", input, target)
         warnings.warn(
