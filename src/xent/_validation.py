@@ -112,6 +112,13 @@ def check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: 
                 f"({n_target})."
             )
         expected = (input.shape[0], *input.shape[2:])
+        if input.dim() > 2 and input.shape[1] == 0 and target.numel() > 0:
+            # PyTorch refuses these too (its spatial kernel cannot view them): no class to
+            # score the spatial elements against, and no target can be valid.
+            raise RuntimeError(
+                f"input of shape {list(input.shape)} has no classes but {target.numel()} "
+                f"spatial target elements (target shape {list(target.shape)})"
+            )
         if tuple(target.shape) != expected:
             raise RuntimeError(
                 f"Expected target size {list(expected)}, got {list(target.shape)} "

@@ -15,19 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from xent._numerics import compute_dtype
+from xent._numerics import compute_dtype, stable_max
 from xent._validation import DtypeError, check_tensor_args
-
-
-def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``max(x, dim, keepdim=True)``, detached, with all-``-inf`` rows shifted by 0 instead.
-
-    ``-inf - (-inf)`` would be NaN; shifting such a row by 0 keeps every exponential at 0, so the
-    row's log-sum-exp is ``-inf`` and its log-softmax NaN, as in PyTorch. A row holding ``+inf``
-    keeps its max and comes out NaN, also as in PyTorch.
-    """
-    m = x.detach().amax(dim=dim, keepdim=True)
-    return torch.where(m == -torch.inf, torch.zeros_like(m), m)
 
 
 def _softmax_input(function: str, input: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -86,13 +75,14 @@ def logsumexp(
     if input.is_complex():
         # exp(z - m) with m real: |exp(z - m)| = exp(Re z - m) ≤ 1, so the real shift suffices.
         x = input
-        m = x.real.detach().amax(dim=dims, keepdim=True)
+        m = stable_max(x.real, dims)
     else:
         if not input.is_floating_point():
             input = input.to(torch.get_default_dtype())
         x = input.to(compute_dtype(input.dtype))
-        m = x.detach().amax(dim=dims, keepdim=True)
+        m = stable_max(x, dims)
     # Unlike log-softmax, log-sum-exp has a finite-or-infinite answer for ±inf rows: shift by 0.
+    # (An empty dimension is shifted by 0 too: its sum is 0 and its log-sum-exp -inf.)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     out = (x - m).exp().sum(dim=dims, keepdim=True).log() + m
     if not keepdim:
@@ -132,7 +122,7 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
     check_tensor_args(log_softmax, input=input)
     input = _softmax_input("log_softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
-    shifted = x - _stable_max(x, dim)
+    shifted = x - stable_max(x, dim)
     out = shifted - shifted.exp().sum(dim=dim, keepdim=True).log()
     return out.to(input.dtype)
 
@@ -167,5 +157,5 @@ def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) 
     check_tensor_args(softmax, input=input)
     input = _softmax_input("softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
-    e = (x - _stable_max(x, dim)).exp()
+    e = (x - stable_max(x, dim)).exp()
     return (e / e.sum(dim=dim, keepdim=True)).to(input.dtype)

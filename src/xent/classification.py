@@ -12,6 +12,8 @@ products, gradient penalties) work too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from xent._engine import dispatch, parallel, policy
@@ -44,7 +46,8 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(0)
     if x.dim() == 2:
         return x
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    rows = x.shape[0] * math.prod(x.shape[2:])  # explicit: -1 is ambiguous when C = 0
+    return x.movedim(1, -1).reshape(rows, x.shape[1])
 
 
 def _rows_to_target_shape(loss: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
@@ -52,6 +55,39 @@ def _rows_to_target_shape(loss: torch.Tensor, input: torch.Tensor) -> torch.Tens
     if input.dim() == 1:
         return loss.reshape(())
     return loss.reshape((input.shape[0], *input.shape[2:]))
+
+
+def _no_classes(
+    rows: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """The loss of ``(M, 0)`` rows (no classes at all), as PyTorch defines it.
+
+    Every class-index target must then be ``ignore_index`` (the range check runs first), so
+    each row's negative log-likelihood is 0; smoothing adds ``(ε/C)·Σ_c(…) = (ε/0)·0``, NaN on
+    every row, ignored or not, and in the sum or mean even of no rows, as in PyTorch. A
+    probability target's row loss is an empty sum, ``-0``, and its ``"mean"`` divides by
+    ``numel / C = 0/0``: NaN. The z-loss adds
+    ``ζ·lse² = ζ·(−∞)² = +∞`` to each counted row (probability rows only). The gradients are
+    the empty ``(M, 0)`` tensors; the result stays attached to the graph so backward gives them.
+    """
+    if target.dim() == 2:
+        per_row = -(rows * target.to(rows.dtype)).sum(dim=1)
+        if z_loss > 0.0:
+            per_row = per_row + torch.inf
+    else:
+        per_row = rows.sum(dim=1)  # zeros, attached to the graph
+        if label_smoothing > 0.0:
+            per_row = per_row + torch.nan
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if target.dim() == 1 and label_smoothing > 0.0:
+        total = total + torch.nan  # (ε/0)·0 even with no rows at all
+    return total / 0.0 if reduction == "mean" else total  # mean: 0/0 (nothing counts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +224,11 @@ def cross_entropy(
         # int64 from here on: compared in uint8/int8, ignore_index=-100 would wrap to 156/-100
         # and silently ignore a real class. Its range is checked by the engine, where it is read.
         rows_target = target.reshape(-1).long()
+    if num_classes == 0 and vocab_parallel is None:
+        if rows_target.dim() == 1:
+            check_target_range(rows_target, 0, ignore_index)
+        loss = _no_classes(_as_rows(input), rows_target, reduction, eps, z_loss)
+        return _rows_to_target_shape(loss, input) if reduction == "none" else loss
     inplace = bool(inplace_backward) and input.dim() == 2
     loss = cross_entropy_rows(
         _as_rows(input), rows_target, weight, params, inplace=inplace, parallel=vocab_parallel
@@ -246,6 +287,9 @@ def nll_loss(
     check_class_weight(weight, num_classes)
     check_index_target(input, target, ignore_index)
     check_target_range(target, num_classes, ignore_index)
+    if num_classes == 0:
+        loss = _no_classes(_as_rows(input), target.reshape(-1).long(), reduction)
+        return _rows_to_target_shape(loss, input) if reduction == "none" else loss
     params = CEParams(int(ignore_index), reduction)
     loss = NLLFn.apply(_as_rows(input), target.reshape(-1).long(), weight, params)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss
