@@ -324,12 +324,13 @@ def check_tensor_args(
     ``None`` may stand for it, are read off ``function``'s signature). Those named in
     ``floating`` must have a floating dtype and those in ``real`` must not be complex (PyTorch
     promotes integer and boolean per-element weights), else :class:`DtypeError` naming the
-    argument and its dtype.
+    argument and its dtype. All of them must be on one device (:func:`check_same_device`).
     """
     for name, value in args.items():
         if not isinstance(value, torch.Tensor):  # the signature is read only off this path
             position, optional = _slot(function, name)
             check_tensor(name, value, position, function.__name__, optional=optional)
+    check_same_device(function.__name__, args)
     for name in floating:
         value = args[name]
         if value is not None and not value.is_floating_point():
@@ -342,6 +343,27 @@ def check_tensor_args(
             raise DtypeError(
                 f"{function.__name__}(): {name} must be real (floating, integer or boolean), "
                 f"got {value.dtype}"
+            )
+
+
+def check_same_device(function: str, tensors: dict[str, object]) -> None:
+    """Raise ``RuntimeError`` (PyTorch's type) naming both devices and arguments unless every
+    tensor in ``tensors`` is on the first one's device.
+
+    A 0-d CPU tensor may join tensors on any device, as in PyTorch's elementwise operations.
+    ``None`` entries are skipped. Without this check a mismatch ends deep inside a kernel, in
+    an exception of another type (``NotImplementedError`` for a meta tensor).
+    """
+    placed = [
+        (name, value.device)
+        for name, value in tensors.items()
+        if isinstance(value, torch.Tensor) and not (value.dim() == 0 and value.device.type == "cpu")
+    ]
+    for name, device in placed[1:]:
+        if device != placed[0][1]:
+            raise RuntimeError(
+                f"{function}(): expected all tensors to be on the same device, but found at "
+                f"least two devices, {placed[0][1]} ({placed[0][0]}) and {device} ({name})"
             )
 
 
