@@ -149,7 +149,12 @@ def cross_entropy(
         inplace_backward: opt-in (keyword-only), 2-D inputs, scalar reductions: the gradient is
             written **into the logits buffer**, which is overwritten during the forward call, so
             no gradient-sized memory is allocated. Only for logits nothing else needs afterwards;
-            double backward is then impossible.
+            double backward is then impossible. The logits' version counter is bumped, so if an
+            earlier operation saved them for its backward (an auxiliary loss on the same
+            logits), backward raises PyTorch's "modified by an inplace operation" error instead
+            of a wrong gradient. Logits that cannot be written safely (not contiguous, e.g.
+            expanded, transposed or overlapping; or a leaf that requires grad) silently get a
+            separate gradient buffer: same result, no memory saved.
         chunk_size: rows per chunk of the one-pass kernel (keyword-only; default: ~4 MiB of
             logits). Changes nothing but speed.
         impl: ``"auto"`` (Triton on CUDA when installed, else the torch kernel), ``"torch"``,

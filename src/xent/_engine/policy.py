@@ -55,6 +55,20 @@ def refuse_double_backward(function: str) -> None:
         )
 
 
+def gradient_into_logits(x: torch.Tensor) -> bool:
+    """Whether ``inplace_backward=True`` may write the gradient into the logits' own buffer.
+
+    Only where that is safe: contiguous logits (each element its own memory: an expanded,
+    stride-0 or otherwise overlapping tensor would have one row's gradient overwrite another
+    row's logits before they are read), and not a leaf that requires grad (the caller's own
+    parameter, whose values would be destroyed; PyTorch refuses in-place operations on such
+    leaves). Elsewhere the gradient goes to a separate buffer, silently: the result is the same,
+    only the memory saving is lost. Where it is written in place, the logits' version counter
+    is bumped, so autograd raises if another consumer saved them for its backward.
+    """
+    return x.is_contiguous() and not (x.is_leaf and x.requires_grad)
+
+
 INPLACE_CONSUMED = (
     "inplace_backward=True overwrote the logits with their gradient, which the first backward "
     "consumed; recompute the loss (or call it without inplace_backward) to backward again"
