@@ -6,6 +6,7 @@ in the message, before any arithmetic happens.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -301,6 +302,7 @@ def check_tensor(
 def _slot(function: Callable[..., Any], name: str) -> tuple[int | None, bool]:
     """Parameter ``name`` of ``function``: its 1-based position (``None`` if keyword-only) and
     whether its default is ``None``. Read off the code object, which ``torch.compile`` traces."""
+    function = inspect.unwrap(function)  # a public function wrapped for autocast
     code = function.__code__
     index = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount].index(name)
     if index < code.co_argcount:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from xent._engine.policy import autocast_like_torch
 from xent._numerics import compute_dtype, stable_max
 from xent._validation import DtypeError, check_tensor_args
 
@@ -42,6 +43,7 @@ def _softmax_input(function: str, input: torch.Tensor, dtype: torch.dtype | None
     return input
 
 
+@autocast_like_torch("logsumexp")
 def logsumexp(
     input: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
 ) -> torch.Tensor:
@@ -90,6 +92,7 @@ def logsumexp(
     return out.to(input.dtype)
 
 
+@autocast_like_torch("log_softmax")
 def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logarithm of the softmax along ``dim``: ``x - logsumexp(x)``.
 
@@ -127,6 +130,7 @@ def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = No
     return out.to(input.dtype)
 
 
+@autocast_like_torch("softmax")
 def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Normalised exponentials along ``dim``: ``exp(x - m) / Σ exp(x - m)``.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx
 
+from xent._engine.policy import autocast_like_torch
 from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     Reduction,
@@ -131,6 +132,7 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         return grad_p, grad_y, None, None
 
 
+@autocast_like_torch("binary_cross_entropy")
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -287,6 +289,7 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
         return grad_z, grad_y, None, None, None
 
 
+@autocast_like_torch("binary_cross_entropy_with_logits")
 def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,

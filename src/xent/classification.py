@@ -20,6 +20,7 @@ from xent._engine import dispatch, parallel, policy
 from xent._engine.autograd import NLLFn
 from xent._engine.compile import cross_entropy_rows
 from xent._engine.options import CEParams
+from xent._engine.policy import autocast_like_torch
 from xent._validation import (
     Reduction,
     check_chunk_size,
@@ -95,6 +96,7 @@ def _no_classes(
 # --------------------------------------------------------------------------------------------
 
 
+@autocast_like_torch("cross_entropy")
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -241,6 +243,7 @@ def cross_entropy(
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss
 
 
+@autocast_like_torch("nll_loss")
 def nll_loss(
     input: torch.Tensor,
     target: torch.Tensor,

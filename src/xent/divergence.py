@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from xent._engine.policy import autocast_like_torch
 from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     check_broadcastable,
@@ -35,6 +36,7 @@ MEAN_WARNING = (
 )
 
 
+@autocast_like_torch("kl_div")
 def kl_div(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -88,7 +90,7 @@ def kl_div(
     check_reduction(reduction, KL_REDUCTIONS)
     check_broadcastable("kl_div", input, target)
     if reduction == "mean":
-        warnings.warn(MEAN_WARNING, UserWarning, stacklevel=2)
+        warnings.warn(MEAN_WARNING, UserWarning, stacklevel=3)  # past the autocast wrapper
     out_dtype = torch.promote_types(input.dtype, target.dtype)
     cdtype = compute_dtype(out_dtype)
     x, y = input.to(cdtype), target.to(cdtype)

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from xent._engine.policy import autocast_like_torch
 from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     Reduction,
@@ -29,6 +30,7 @@ def _check_delta(delta: float) -> float:
     return value
 
 
+@autocast_like_torch("huber_loss")
 def huber_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -92,7 +94,7 @@ def huber_loss(
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # past the autocast wrapper, to the caller
         )
     out_dtype = input.dtype
     if weight is not None:
