@@ -158,7 +158,10 @@ def cross_entropy(
             expanded, transposed or overlapping; or a leaf that requires grad) silently get a
             separate gradient buffer: same result, no memory saved.
         chunk_size: rows per chunk of the one-pass kernel (keyword-only; default: ~4 MiB of
-            logits). Changes nothing but speed.
+            logits). It changes speed and memory; the values only in their last bits: the
+            loss and each gradient element are float sums whose grouping follows the chunks, so
+            two chunk sizes agree within that sum's rounding (a few units in the last place),
+            not bit for bit. One chunk size gives the same bits on every CPU run.
         impl: ``"auto"`` (Triton on CUDA when installed, else the torch kernel), ``"torch"``,
             ``"reference"`` (:func:`xent.reference.cross_entropy_reference`: plain PyTorch) or
             ``"triton"`` (CUDA tensors, or any tensors with ``TRITON_INTERPRET=1``).
