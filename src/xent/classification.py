@@ -170,6 +170,9 @@ def cross_entropy(
     logits, and backward only scales it by the upstream gradient; for ``"none"`` the forward
     keeps the per-row log-sum-exp and backward recomputes the softmax from it.
 
+    Under ``torch.autocast`` (CPU or CUDA) half-precision arguments are computed in fp32 and the
+    loss is fp32, as PyTorch's.
+
     Returns:
         The loss in ``input``'s dtype. All targets ignored: ``"mean"`` is NaN (with a zero
         gradient), ``"sum"`` is 0. An empty batch: ``"mean"`` is NaN, ``"sum"`` is 0.
