@@ -35,11 +35,13 @@ def _call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], grad:
     return out, grads
 
 
-def _cases() -> Iterator[tuple[str, Callable, Callable, list[Any], dict[str, Any], tuple]]:
+def _cases(
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, Callable, Callable, list[Any], dict[str, Any], tuple]]:
     gen = torch.Generator().manual_seed(0)
     for shape in SHAPES:
-        x = torch.randn(shape, generator=gen)
-        y = torch.rand(shape, generator=gen)
+        x = torch.randn(shape, generator=gen).to(dtype)
+        y = torch.rand(shape, generator=gen).to(dtype)
         for d in range(-len(shape), len(shape)):
             yield "softmax", xent.softmax, F.softmax, [x], {"dim": d}, (0,)
             yield "log_softmax", xent.log_softmax, F.log_softmax, [x], {"dim": d}, (0,)
@@ -61,7 +63,7 @@ def _cases() -> Iterator[tuple[str, Callable, Callable, list[Any], dict[str, Any
             targets.append(torch.randint(0, classes, index_shape, generator=gen))
         else:
             targets.append(torch.zeros(index_shape, dtype=torch.long))  # out of range with C = 0
-        weight = torch.rand(classes, generator=gen)
+        weight = torch.rand(classes, generator=gen).to(dtype)
         for r in REDUCTIONS:
             for t in targets:
                 for ls in (0.0, 0.1):
@@ -81,13 +83,20 @@ def _cases() -> Iterator[tuple[str, Callable, Callable, list[Any], dict[str, Any
                 kw = {"reduction": r, "label_smoothing": ls}
                 yield "cross_entropy", xent.cross_entropy, F.cross_entropy, [x, y], kw, (0, 1)
             kw = {"reduction": r}
-            p = torch.rand(shape, generator=gen)
+            p = torch.rand(shape, generator=gen).to(dtype)
             bce, bce_t = xent.binary_cross_entropy, F.binary_cross_entropy
             yield "binary_cross_entropy", bce, bce_t, [p, y], kw, (0, 1)
-            yield "binary_cross_entropy", bce, bce_t, [p, y, torch.rand(shape)], kw, (0, 1)
+            yield (
+                "binary_cross_entropy",
+                bce,
+                bce_t,
+                [p, y, torch.rand(shape).to(dtype)],
+                kw,
+                (0, 1),
+            )
             bcel, bcel_t = xent.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
             yield "bce_with_logits", bcel, bcel_t, [x, y], kw, (0, 1)
-            pw = {"reduction": r, "pos_weight": torch.rand(shape[-1], generator=gen)}
+            pw = {"reduction": r, "pos_weight": torch.rand(shape[-1], generator=gen).to(dtype)}
             yield "bce_with_logits", bcel, bcel_t, [x, y], pw, (0, 1)
             yield "huber_loss", xent.huber_loss, F.huber_loss, [x, y], kw, (0, 1)
             for module in ("CrossEntropyLoss", "NLLLoss"):
@@ -108,9 +117,10 @@ def _same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     torch.testing.assert_close(ours, theirs, equal_nan=True, atol=1e-6, rtol=1e-5)
 
 
-def test_empty_dimensions_match_torch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_empty_dimensions_match_torch(dtype):
     checked = raised = 0
-    for name, ours_fn, theirs_fn, args, kwargs, grad in _cases():
+    for name, ours_fn, theirs_fn, args, kwargs, grad in _cases(dtype):
         where = f"{name} {[tuple(a.shape) for a in args]} {kwargs}"
         theirs, their_grads = _call(theirs_fn, args, kwargs, grad)
         ours, our_grads = _call(ours_fn, args, kwargs, grad)

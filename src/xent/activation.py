@@ -63,7 +63,8 @@ def logsumexp(
     Returns:
         ``input``'s shape without ``dim`` (or with size 1 there if ``keepdim``), ``input``'s dtype
         (the default dtype for integer or boolean inputs). A row of all ``-inf`` gives ``-inf``;
-        a row holding ``+inf`` gives ``+inf``.
+        a row holding ``+inf`` gives ``+inf``; reducing a size-0 dimension gives ``-inf``
+        (the log of an empty sum), as in PyTorch.
 
     Equals ``torch.logsumexp(input, dim, keepdim)``.
 
@@ -145,7 +146,8 @@ def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) 
         dtype: if given, a floating dtype ``input`` is cast to first (as in PyTorch).
 
     Returns:
-        Same shape and dtype as ``input`` (or ``dtype``); each slice along ``dim`` sums to 1.
+        Same shape and dtype as ``input`` (or ``dtype``); each slice along ``dim`` sums to 1
+        (an empty input, also over a size-0 ``dim``, gives an empty result, as in PyTorch).
 
     Raises:
         NotImplementedError: an integer, boolean or complex ``input`` without a floating
