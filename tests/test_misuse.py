@@ -267,10 +267,22 @@ def _with(name: str, slot: str, value: Any) -> tuple[tuple[Any, ...], dict[str, 
 
 
 def _derived(name: str, entry: Entry) -> Iterator[Case]:
-    """Each tensor argument in turn as a non-tensor, then cast to each other dtype."""
-    for slot, value in {**entry.args, **entry.kwargs}.items():
+    """Each tensor argument in turn as a non-tensor, then cast to each other dtype, then (for
+    functions of several tensors) on the meta device while the others stay on the CPU: PyTorch's
+    ``RuntimeError``, naming both devices."""
+    slots = {**entry.args, **entry.kwargs}
+    several = sum(isinstance(v, torch.Tensor) for v in slots.values()) > 1
+    for slot, value in slots.items():
         if not isinstance(value, torch.Tensor):
             continue
+        if several and name != "log_loss":  # log_loss reads array-likes, not devices
+            yield Case(
+                name,
+                f"{slot}-meta",
+                *_with(name, slot, value.to("meta")),
+                raises=RuntimeError,
+                mentions=("same device", "cpu", "meta"),
+            )
         for kind, make in NON_TENSORS.items():
             yield Case(name, f"{slot}-{kind}", *_with(name, slot, make(value)), mentions=(slot,))
         for dtype in DTYPES:

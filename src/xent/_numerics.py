@@ -61,8 +61,15 @@ def stable_max(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = True
     sum cannot underflow). ``-inf - (-inf)`` would be NaN: a row of all ``-inf`` is shifted by 0,
     so its exponentials stay 0, its log-sum-exp is ``-inf`` and its log-softmax NaN, as in
     PyTorch. A row holding ``+inf`` keeps its max and comes out NaN, also as in PyTorch.
+
+    Reducing over a size-0 dimension (which ``amax`` refuses) gives a shift of 0: the slices are
+    empty, so their sum of exponentials is 0 and their log-sum-exp ``-inf``, as in PyTorch.
     """
-    m = x.detach().amax(dim=dim, keepdim=keepdim)
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if any(x.shape[d] == 0 for d in dims):
+        m = torch.zeros_like(x.detach()).sum(dim=dims, keepdim=keepdim)
+        return m
+    m = x.detach().amax(dim=dims, keepdim=keepdim)
     return torch.where(m == -torch.inf, torch.zeros_like(m), m)
 
 

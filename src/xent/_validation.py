@@ -6,6 +6,7 @@ in the message, before any arithmetic happens.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -200,6 +201,13 @@ def check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: 
                 f"({n_target})."
             )
         expected = (input.shape[0], *input.shape[2:])
+        if input.dim() > 2 and input.shape[1] == 0 and target.numel() > 0:
+            # PyTorch refuses these too (its spatial kernel cannot view them): no class to
+            # score the spatial elements against, and no target can be valid.
+            raise RuntimeError(
+                f"input of shape {list(input.shape)} has no classes but {target.numel()} "
+                f"spatial target elements (target shape {list(target.shape)})"
+            )
         if tuple(target.shape) != expected:
             raise RuntimeError(
                 f"Expected target size {list(expected)}, got {list(target.shape)} "
@@ -449,6 +457,7 @@ def check_tensor(
 def _slot(function: Callable[..., Any], name: str) -> tuple[int | None, bool]:
     """Parameter ``name`` of ``function``: its 1-based position (``None`` if keyword-only) and
     whether its default is ``None``. Read off the code object, which ``torch.compile`` traces."""
+    function = inspect.unwrap(function)  # a public function wrapped for autocast
     code = function.__code__
     index = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount].index(name)
     if index < code.co_argcount:
@@ -472,12 +481,13 @@ def check_tensor_args(
     ``None`` may stand for it, are read off ``function``'s signature). Those named in
     ``floating`` must have a floating dtype and those in ``real`` must not be complex (PyTorch
     promotes integer and boolean per-element weights), else :class:`DtypeError` naming the
-    argument and its dtype.
+    argument and its dtype. All of them must be on one device (:func:`check_same_device`).
     """
     for name, value in args.items():
         if not isinstance(value, torch.Tensor):  # the signature is read only off this path
             position, optional = _slot(function, name)
             check_tensor(name, value, position, function.__name__, optional=optional)
+    check_same_device(function.__name__, args)
     for name in floating:
         value = args[name]
         if value is not None and not value.is_floating_point():
@@ -490,6 +500,27 @@ def check_tensor_args(
             raise DtypeError(
                 f"{function.__name__}(): {name} must be real (floating, integer or boolean), "
                 f"got {value.dtype}"
+            )
+
+
+def check_same_device(function: str, tensors: dict[str, object]) -> None:
+    """Raise ``RuntimeError`` (PyTorch's type) naming both devices and arguments unless every
+    tensor in ``tensors`` is on the first one's device.
+
+    A 0-d CPU tensor may join tensors on any device, as in PyTorch's elementwise operations.
+    ``None`` entries are skipped. Without this check a mismatch ends deep inside a kernel, in
+    an exception of another type (``NotImplementedError`` for a meta tensor).
+    """
+    placed = [
+        (name, value.device)
+        for name, value in tensors.items()
+        if isinstance(value, torch.Tensor) and not (value.dim() == 0 and value.device.type == "cpu")
+    ]
+    for name, device in placed[1:]:
+        if device != placed[0][1]:
+            raise RuntimeError(
+                f"{function}(): expected all tensors to be on the same device, but found at "
+                f"least two devices, {placed[0][1]} ({placed[0][0]}) and {device} ({name})"
             )
 
 

@@ -17,7 +17,8 @@ import warnings
 
 import torch
 
-from xent._numerics import compute_dtype
+from xent._engine.policy import autocast_like_torch
+from xent._numerics import compute_dtype, stable_max
 from xent._validation import DtypeError, check_number, check_tensor_args
 
 
@@ -29,20 +30,9 @@ def _implicit_dim(function: str, ndim: int, stacklevel: int) -> int:
         f"Implicit dimension choice for {function} has been deprecated. "
         "Change the call to include dim=X as an argument.",
         UserWarning,
-        stacklevel=stacklevel,
+        stacklevel=stacklevel + 1,  # one frame more: the autocast wrapper
     )
     return 0 if ndim in (0, 1, 3) else 1
-
-
-def _stable_max(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``max(x, dim, keepdim=True)``, detached, with all-``-inf`` rows shifted by 0 instead.
-
-    ``-inf - (-inf)`` would be NaN; shifting such a row by 0 keeps every exponential at 0, so the
-    row's log-sum-exp is ``-inf`` and its log-softmax NaN, as in PyTorch. A row holding ``+inf``
-    keeps its max and comes out NaN, also as in PyTorch.
-    """
-    m = x.detach().amax(dim=dim, keepdim=True)
-    return torch.where(m == -torch.inf, torch.zeros_like(m), m)
 
 
 def _softmax_input(function: str, input: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -68,6 +58,7 @@ def _softmax_input(function: str, input: torch.Tensor, dtype: torch.dtype | None
     return input
 
 
+@autocast_like_torch("logsumexp")
 def logsumexp(
     input: torch.Tensor,
     dim: int | tuple[int, ...],
@@ -93,7 +84,8 @@ def logsumexp(
     Returns:
         ``input``'s shape without ``dim`` (or with size 1 there if ``keepdim``), ``input``'s dtype
         (the default dtype for integer or boolean inputs), or ``out``. A row of all ``-inf``
-        gives ``-inf``; a row holding ``+inf`` gives ``+inf``.
+        gives ``-inf``; a row holding ``+inf`` gives ``+inf``; reducing a size-0 dimension gives
+        ``-inf`` (the log of an empty sum), as in PyTorch.
 
     Equals ``torch.logsumexp(input, dim, keepdim, out=out)``.
 
@@ -115,13 +107,14 @@ def logsumexp(
     if input.is_complex():
         # exp(z - m) with m real: |exp(z - m)| = exp(Re z - m) ≤ 1, so the real shift suffices.
         x = input
-        m = x.real.detach().amax(dim=dims, keepdim=True)
+        m = stable_max(x.real, dims)
     else:
         if not input.is_floating_point():
             input = input.to(torch.get_default_dtype())
         x = input.to(compute_dtype(input.dtype))
-        m = x.detach().amax(dim=dims, keepdim=True)
+        m = stable_max(x, dims)
     # Unlike log-softmax, log-sum-exp has a finite-or-infinite answer for ±inf rows: shift by 0.
+    # (An empty dimension is shifted by 0 too: its sum is 0 and its log-sum-exp -inf.)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     result = (x - m).exp().sum(dim=dims, keepdim=True).log() + m
     if not keepdim:
@@ -133,6 +126,7 @@ def logsumexp(
     return out.copy_(result)
 
 
+@autocast_like_torch("log_softmax")
 def log_softmax(
     input: torch.Tensor,
     dim: int | None = None,
@@ -175,11 +169,12 @@ def log_softmax(
     dim = check_number(log_softmax, "dim", dim, "int")
     input = _softmax_input("log_softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
-    shifted = x - _stable_max(x, dim)
+    shifted = x - stable_max(x, dim)
     out = shifted - shifted.exp().sum(dim=dim, keepdim=True).log()
     return out.to(input.dtype)
 
 
+@autocast_like_torch("softmax")
 def softmax(
     input: torch.Tensor,
     dim: int | None = None,
@@ -201,7 +196,8 @@ def softmax(
         dtype: if given, a floating dtype ``input`` is cast to first (as in PyTorch).
 
     Returns:
-        Same shape and dtype as ``input`` (or ``dtype``); each slice along ``dim`` sums to 1.
+        Same shape and dtype as ``input`` (or ``dtype``); each slice along ``dim`` sums to 1
+        (an empty input, also over a size-0 ``dim``, gives an empty result, as in PyTorch).
 
     Raises:
         NotImplementedError: an integer, boolean or complex ``input`` without a floating
@@ -220,5 +216,5 @@ def softmax(
     dim = check_number(softmax, "dim", dim, "int")
     input = _softmax_input("softmax", input, dtype)
     x = input.to(compute_dtype(input.dtype))
-    e = (x - _stable_max(x, dim)).exp()
+    e = (x - stable_max(x, dim)).exp()
     return (e / e.sum(dim=dim, keepdim=True)).to(input.dtype)

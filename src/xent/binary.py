@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx
 
+from xent._engine.policy import autocast_like_torch
 from xent._numerics import compute_dtype, concrete, reduce
 from xent._validation import (
     InvalidValueError,
@@ -161,6 +162,7 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         return _reduced_tangent(((d_p, p_t), (d_y, y_t)), weight, ctx.reduction, p)
 
 
+@autocast_like_torch("binary_cross_entropy")
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -219,7 +221,7 @@ def binary_cross_entropy(
     )
     check_floating("input", input)
     check_floating("target", target)
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction, stacklevel=4)  # past autocast
     check_reduction(reduction)
     check_same_shape("input", input, "target", target)
     if target.dtype != input.dtype:
@@ -383,6 +385,7 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
         return _reduced_tangent(((d_z, z_t), (d_y, y_t)), weight, ctx.reduction, y)
 
 
+@autocast_like_torch("binary_cross_entropy_with_logits")
 def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -451,7 +454,7 @@ def binary_cross_entropy_with_logits(
     )
     check_floating("input", input)
     check_floating("target", target)
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction, stacklevel=4)  # past autocast
     check_reduction(reduction)
     check_same_shape("input", input, "target", target)
     _check_option("binary_cross_entropy_with_logits", "weight", weight, input)

@@ -12,12 +12,15 @@ products, gradient penalties) work too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from xent._engine import dispatch, parallel, policy
 from xent._engine.autograd import NLLFn
 from xent._engine.compile import cross_entropy_rows
 from xent._engine.options import CEParams
+from xent._engine.policy import autocast_like_torch
 from xent._validation import (
     Reduction,
     check_chunk_size,
@@ -47,7 +50,8 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(0)
     if x.dim() == 2:
         return x
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    rows = x.shape[0] * math.prod(x.shape[2:])  # explicit: -1 is ambiguous when C = 0
+    return x.movedim(1, -1).reshape(rows, x.shape[1])
 
 
 def _rows_to_target_shape(loss: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
@@ -57,11 +61,45 @@ def _rows_to_target_shape(loss: torch.Tensor, input: torch.Tensor) -> torch.Tens
     return loss.reshape((input.shape[0], *input.shape[2:]))
 
 
+def _no_classes(
+    rows: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """The loss of ``(M, 0)`` rows (no classes at all), as PyTorch defines it.
+
+    Every class-index target must then be ``ignore_index`` (the range check runs first), so
+    each row's negative log-likelihood is 0; smoothing adds ``(ε/C)·Σ_c(…) = (ε/0)·0``, NaN on
+    every row, ignored or not, and in the sum or mean even of no rows, as in PyTorch. A
+    probability target's row loss is an empty sum, ``-0``, and its ``"mean"`` divides by
+    ``numel / C = 0/0``: NaN. The z-loss adds
+    ``ζ·lse² = ζ·(−∞)² = +∞`` to each counted row (probability rows only). The gradients are
+    the empty ``(M, 0)`` tensors; the result stays attached to the graph so backward gives them.
+    """
+    if target.dim() == 2:
+        per_row = -(rows * target.to(rows.dtype)).sum(dim=1)
+        if z_loss > 0.0:
+            per_row = per_row + torch.inf
+    else:
+        per_row = rows.sum(dim=1)  # zeros, attached to the graph
+        if label_smoothing > 0.0:
+            per_row = per_row + torch.nan
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if target.dim() == 1 and label_smoothing > 0.0:
+        total = total + torch.nan  # (ε/0)·0 even with no rows at all
+    return total / 0.0 if reduction == "mean" else total  # mean: 0/0 (nothing counts)
+
+
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
 
 
+@autocast_like_torch("cross_entropy")
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -123,9 +161,17 @@ def cross_entropy(
         inplace_backward: opt-in (keyword-only), 2-D inputs, scalar reductions: the gradient is
             written **into the logits buffer**, which is overwritten during the forward call, so
             no gradient-sized memory is allocated. Only for logits nothing else needs afterwards;
-            double backward is then impossible.
+            double backward is then impossible. The logits' version counter is bumped, so if an
+            earlier operation saved them for its backward (an auxiliary loss on the same
+            logits), backward raises PyTorch's "modified by an inplace operation" error instead
+            of a wrong gradient. Logits that cannot be written safely (not contiguous, e.g.
+            expanded, transposed or overlapping; or a leaf that requires grad) silently get a
+            separate gradient buffer: same result, no memory saved.
         chunk_size: rows per chunk of the one-pass kernel (keyword-only; default: ~4 MiB of
-            logits). Changes nothing but speed.
+            logits). It changes speed and memory; the values only in their last bits: the
+            loss and each gradient element are float sums whose grouping follows the chunks, so
+            two chunk sizes agree within that sum's rounding (a few units in the last place),
+            not bit for bit. One chunk size gives the same bits on every CPU run.
         impl: ``"auto"`` (Triton on CUDA when installed, else the torch kernel), ``"torch"``,
             ``"reference"`` (:func:`xent.reference.cross_entropy_reference`: plain PyTorch) or
             ``"triton"`` (CUDA tensors, or any tensors with ``TRITON_INTERPRET=1``).
@@ -136,6 +182,9 @@ def cross_entropy(
     ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) the loss is
     formed by plain tensor operations with the same closed-form gradient, batched by ``vmap``
     and with a forward-mode formula; ``inplace_backward`` and ``impl`` are then ignored.
+
+    Under ``torch.autocast`` (CPU or CUDA) half-precision arguments are computed in fp32 and the
+    loss is fp32, as PyTorch's.
 
     Returns:
         The loss in ``input``'s dtype. All targets ignored: ``"mean"`` is NaN (with a zero
@@ -174,7 +223,7 @@ def cross_entropy(
     check_tensor_args(
         cross_entropy, input=input, target=target, weight=weight, floating=("input", "weight")
     )
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction, stacklevel=4)  # past autocast
     check_reduction(reduction)
     ignore_index = check_number(cross_entropy, "ignore_index", ignore_index, "int")
     eps = check_label_smoothing(label_smoothing, cross_entropy)
@@ -211,6 +260,11 @@ def cross_entropy(
         # int64 from here on: compared in uint8/int8, ignore_index=-100 would wrap to 156/-100
         # and silently ignore a real class. Its range is checked by the engine, where it is read.
         rows_target = target.reshape(-1).long()
+    if num_classes == 0 and vocab_parallel is None:
+        if rows_target.dim() == 1:
+            check_target_range(rows_target, 0, ignore_index)
+        loss = _no_classes(_as_rows(input), rows_target, reduction, eps, z_loss)
+        return _rows_to_target_shape(loss, input) if reduction == "none" else loss
     inplace = bool(inplace_backward) and input.dim() == 2
     loss = cross_entropy_rows(
         _as_rows(input), rows_target, weight, params, inplace=inplace, parallel=vocab_parallel
@@ -218,6 +272,7 @@ def cross_entropy(
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss
 
 
+@autocast_like_torch("nll_loss")
 def nll_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -269,7 +324,7 @@ def nll_loss(
     check_tensor_args(
         nll_loss, input=input, target=target, weight=weight, floating=("input", "weight")
     )
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction, stacklevel=4)  # past autocast
     check_reduction(reduction)
     ignore_index = check_number(nll_loss, "ignore_index", ignore_index, "int")
     check_logits(input)
@@ -278,6 +333,9 @@ def nll_loss(
     check_index_target(input, target, ignore_index)
     check_weight_dtype(weight, input)
     check_target_range(target, num_classes, ignore_index)
+    if num_classes == 0:
+        loss = _no_classes(_as_rows(input), target.reshape(-1).long(), reduction)
+        return _rows_to_target_shape(loss, input) if reduction == "none" else loss
     params = CEParams(ignore_index, reduction)
     loss = NLLFn.apply(_as_rows(input), target.reshape(-1).long(), weight, params)
     return _rows_to_target_shape(loss, input) if reduction == "none" else loss

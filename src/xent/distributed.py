@@ -176,6 +176,7 @@ def vocab_parallel_linear_cross_entropy(
     vocabulary, ``softcap``, ``impl``) applies; ``chunk_size`` tokens per chunk, by default as
     for :func:`xent.linear_cross_entropy` with the **global** vocabulary (so every rank walks
     the same chunks whatever its slice's size); ignored tokens are dropped before the products.
+    The chunk size changes the gradients only in the last bits of their float sums.
 
     Communication: per chunk of ``n`` tokens an all-reduce MAX of ``n`` and an all-reduce SUM of
     ``2n`` numbers; once per call an all-reduce of the ``N × H`` input gradient.

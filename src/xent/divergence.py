@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from xent import _numerics
+from xent._engine.policy import autocast_like_torch
 from xent._numerics import compute_dtype
 from xent._validation import (
     check_broadcastable,
@@ -38,6 +39,7 @@ MEAN_WARNING = (
 )
 
 
+@autocast_like_torch("kl_div")
 def kl_div(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -100,9 +102,9 @@ def kl_div(
         check_reduction(reduction, KL_REDUCTIONS)
         applied = "sum" if reduction == "batchmean" else reduction
         if reduction == "mean":
-            warnings.warn(MEAN_WARNING, UserWarning, stacklevel=2)
+            warnings.warn(MEAN_WARNING, UserWarning, stacklevel=3)  # past the autocast wrapper
     else:
-        applied = legacy_reduction(size_average, reduce, reduction)
+        applied = legacy_reduction(size_average, reduce, reduction, stacklevel=4)  # past autocast
     log_target = check_number(kl_div, "log_target", log_target, "bool")
     check_broadcastable("kl_div", input, target)
     out_dtype = torch.promote_types(input.dtype, target.dtype)

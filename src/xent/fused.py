@@ -118,7 +118,10 @@ def linear_cross_entropy(
         token_weight: optional per-token weights, the class-index target's shape.
         chunk_size: tokens per chunk; default: at least 1024 tokens within 256 MiB of fp32
             logits (more if 48 MiB holds more; on CUDA, 512 MiB of logits and, for bf16, their
-            bf16 gradient).
+            bf16 gradient). It changes speed and memory; the values only in their last bits:
+            ``∂linear_weight`` sums the tokens chunk by chunk and the products' blocking follows
+            the chunk's shape, so two chunk sizes agree within the rounding of those float sums
+            (``≲ n·ε·Σ|terms|`` for a sum of ``n`` terms), not bit for bit.
         impl: ``"auto"`` (the chunked path; its logits-to-gradient kernel in Triton on CUDA
             when installed), ``"torch"`` or ``"triton"`` (that kernel chosen explicitly; the
             matrix products are torch's, cuBLAS on GPUs), or ``"reference"`` (materialise the

@@ -629,7 +629,8 @@ def linear_log_probs(
             :func:`log_probs`.
         chunk_size: tokens per chunk; default as many as fit 48 MiB (512 MiB on CUDA) of fp32
             logits together with the torch kernel's scratch (one chunk-sized buffer, two with a
-            cap).
+            cap). It changes speed and memory; the values only in the last bits of their float
+            sums (grouped by chunk), not bit for bit.
         impl: ``"auto"``, ``"torch"``, ``"triton"`` (the row kernel; the matrix products are
             torch's) or ``"reference"`` (materialise the logits).
 
@@ -1333,7 +1334,8 @@ def linear_distill_divergence(
             bool mask (True = counted).
         teacher_logits, teacher_hidden, teacher_weight, teacher_bias: the teacher (one form).
         chunk_size: tokens per chunk; default as many as fit 48 MiB of fp32 logits of each model
-            (512 MiB on CUDA).
+            (512 MiB on CUDA). It changes speed and memory; the values only in the last bits of
+            their float sums (grouped by chunk), not bit for bit.
         beta, temperature, logit_scale, softcap, teacher_logit_scale, teacher_softcap,
         ignore_index, token_weight, reduction, normalizer, impl: as in :func:`distill_divergence`.
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from xent._engine.policy import autocast_like_torch
 from xent._numerics import compute_dtype, reduce
 from xent._validation import (
     InvalidValueError,
@@ -42,6 +43,7 @@ def check_module_delta(delta: object) -> None:
         raise TypeError(f"delta must be a float or int, got {delta!r} ({type_name(delta)})")
 
 
+@autocast_like_torch("huber_loss")
 def huber_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -106,7 +108,7 @@ def huber_loss(
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # past the autocast wrapper, to the caller
         )
     out_dtype = input.dtype
     if weight is not None:

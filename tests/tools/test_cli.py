@@ -88,3 +88,79 @@ def test_memory_probe_sees_the_gradient():
     assert extra is not None and 7 * 2**20 <= extra <= 14 * 2**20
     eager = bench._memory_in_subprocess(cfg, "torch")
     assert eager is not None and eager > 2 * extra
+
+
+def _bad_calls(tmp_path):
+    """``(arguments, words the one error line must hold)`` for every kind of mistake."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    under_a_file = str(a_file / "sub")
+    ok = ("--logits", "[[1, 2, 3]]")
+    return [
+        (("explain", "--logits", '"abc"', "--target", "[0]"), ["--logits", '"abc"']),
+        (("explain", "--logits", "[1, 2", "--target", "[0]"), ["not a JSON list", "[1, 2"]),
+        (("explain", "--logits", "[[1, 2], [3]]", "--target", "[0, 1]"), ["[[1, 2], [3]]"]),
+        (("explain", "--logits", "[]", "--target", "[]"), ["no numbers", "[]"]),
+        (("explain", *ok, "--target", "[true]"), ["--target", "[true]"]),
+        (("explain", *ok, "--target", "[5]"), ["Target 5"]),
+        (("explain", *ok, "--target", "[0, 1]"), ["batch_size (2)"]),
+        (("explain", *ok, "--target", "[[0.5, 0.5]]"), ["(1, 2)"]),
+        (("explain", *ok, "--target", "[0]", "--weight", "[1, 2]"), ["shape: [2]"]),
+        (("explain", *ok, "--target", "[0]", "--weight", '{"a": 1}'), ["--weight"]),
+        (("explain", *ok, "--target", "[0]", "--label-smoothing", "2"), ["'2'"]),
+        (("explain", *ok, "--target", "[0]", "--label-smoothing", "x"), ["'x'"]),
+        (("explain", *ok, "--target", "[0]", "--ignore-index", "x"), ["'x'"]),
+        (("explain", "--logits", "1", "--target", "0"), ["0-d"]),
+        (("explain", "--binary", "--logits", "[1, 2, 3]", "--target", "[0, 1]"), ["(2,)"]),
+        (("explain", "--target", "[0]"), ["--logits"]),
+        (("explain", "--reduction", "avg"), ["'avg'"]),
+        (("plot", "--out", under_a_file), [under_a_file]),
+        (("plot", "--out", str(a_file)), [str(a_file)]),
+        (("bench", "nope"), ["'nope'"]),
+        (("bench", "ce", "-n", "0"), ["-n", "'0'"]),
+        (("bench", "ce", "-n", "x"), ["'x'"]),
+        (("bench", "ce", "-c", "-3"), ["'-3'"]),
+        (("bench", "ce", "--hidden", "1.5"), ["'1.5'"]),
+        (("bench", "ce", "--repeat", "0"), ["--repeat", "'0'"]),
+        (("bench", "ce", "--warmup", "-1"), ["--warmup", "'-1'"]),
+        (("bench", "ce", "--ignore-frac", "1.5"), ["'1.5'"]),
+        (("bench", "ce", "--ignore-frac", "nan"), ["'nan'"]),
+        (("bench", "ce", "--dtype", "int8"), ["'int8'"]),
+        (("bench", "ce", "--device", "gpu"), ["'gpu'"]),
+        (("bench", "ce", "--variants", "xent,foo"), ["'foo'"]),
+        (("bench", "ce", "--json", under_a_file + "/r.json"), ["--json", under_a_file]),
+        (("bench", "ce", "--csv", str(tmp_path)), ["--csv", str(tmp_path)]),
+        (("bench", "ce", "--plot", under_a_file + "/r.png"), ["--plot", under_a_file]),
+        (("demo", "--steps", "0"), ["--steps", "'0'"]),
+        (("demo", "--batch", "-2"), ["--batch", "'-2'"]),
+        (("demo", "--vocab", "abc"), ["--vocab", "'abc'"]),
+        (("demo", "--lr", "nan"), ["--lr", "'nan'"]),
+        (("demo", "--lr", "-1"), ["--lr", "'-1'"]),
+        (("demo", "--max-files", "0"), ["--max-files", "'0'"]),
+        (("demo", "--device", "tpu9"), ["'tpu9'"]),
+        (("demo", "--out", under_a_file), ["--out", under_a_file]),
+        (("nosuch",), ["'nosuch'"]),
+    ]
+
+
+def test_every_command_line_error_is_one_line_naming_the_value(tmp_path):
+    calls = _bad_calls(tmp_path)
+    for args, words in calls:
+        out = run_cli(*args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode not in (0, None), (args, out.stdout)
+        assert len(lines) == 1 and "Traceback" not in out.stderr, (args, out.stderr)
+        prefix = "xent: error:" if args[0] == "nosuch" else f"xent {args[0]}: error:"
+        assert lines[0].startswith(prefix), (args, lines[0])
+        for word in words:
+            assert word in lines[0], (args, word, lines[0])
+    assert len(calls) > 40
+
+
+def test_an_unexpected_failure_is_one_line_too(monkeypatch):
+    def broken(args):
+        raise KeyError("a\nb")
+
+    monkeypatch.setattr(bench, "run", broken)
+    out = run_cli("bench")
+    assert out.returncode == 1 and out.stderr == "xent bench: error: KeyError: 'a\\nb'\n"

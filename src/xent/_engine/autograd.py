@@ -182,6 +182,8 @@ class CrossEntropyFn(torch.autograd.Function):
             x, target, weight, params, need_x, need_q, inplace, parallel
         )
         ctx.params, ctx.inplace = params, bool(inplace and grad_x is not None)
+        if ctx.inplace:  # the logits now hold their gradient: an earlier saver must notice
+            torch.autograd.graph.increment_version(x)
         ctx.parallel, ctx.grads = parallel, (grad_x, grad_q)
         ctx.save_for_backward(None if ctx.inplace else x, target, weight, coef, stats)
         return out

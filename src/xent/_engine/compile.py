@@ -159,7 +159,7 @@ def cross_entropy_rows(
     if torch.compiler.is_compiling() and parallel is None:
         return cross_entropy_compiled(x, target, weight, params)
     grad_on = torch.is_grad_enabled()
-    inplace = inplace and grad_on
+    inplace = inplace and grad_on and policy.gradient_into_logits(x)
     return CrossEntropyFn.apply(x, target, weight, params, inplace, grad_on, parallel)
 
 

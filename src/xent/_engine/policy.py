@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 
 from xent._numerics import host_reads_cheap
@@ -67,7 +71,115 @@ def refuse_double_backward(function: str) -> None:
         )
 
 
+def gradient_into_logits(x: torch.Tensor) -> bool:
+    """Whether ``inplace_backward=True`` may write the gradient into the logits' own buffer.
+
+    Only where that is safe: contiguous logits (each element its own memory: an expanded,
+    stride-0 or otherwise overlapping tensor would have one row's gradient overwrite another
+    row's logits before they are read), and not a leaf that requires grad (the caller's own
+    parameter, whose values would be destroyed; PyTorch refuses in-place operations on such
+    leaves). Elsewhere the gradient goes to a separate buffer, silently: the result is the same,
+    only the memory saving is lost. Where it is written in place, the logits' version counter
+    is bumped, so autograd raises if another consumer saved them for its backward.
+    """
+    return x.is_contiguous() and not (x.is_leaf and x.requires_grad)
+
+
 INPLACE_CONSUMED = (
     "inplace_backward=True overwrote the logits with their gradient, which the first backward "
     "consumed; recompute the loss (or call it without inplace_backward) to backward again"
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Autocast
+# --------------------------------------------------------------------------------------------
+
+# The losses PyTorch's autocast runs in fp32, per device type (its "fp32" op lists; on CUDA the
+# softmax family is "fp32 unless dtype= is given"). Elsewhere an op keeps its inputs' dtype.
+AUTOCAST_FP32: dict[str, frozenset[str]] = {
+    "cpu": frozenset(
+        {
+            "cross_entropy",
+            "nll_loss",
+            "binary_cross_entropy",
+            "binary_cross_entropy_with_logits",
+            "kl_div",
+            "huber_loss",
+        }
+    ),
+    "cuda": frozenset(
+        {
+            "cross_entropy",
+            "nll_loss",
+            "binary_cross_entropy_with_logits",
+            "kl_div",
+            "huber_loss",
+            "logsumexp",
+            "softmax",
+            "log_softmax",
+        }
+    ),
+}
+# Refused under CUDA autocast, as PyTorch refuses it (a probability input rounded to half
+# precision is unsafe); its logits form is the safe one.
+AUTOCAST_REFUSED: dict[str, frozenset[str]] = {"cuda": frozenset({"binary_cross_entropy"})}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _autocast_device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The device type of the first tensor argument, if autocast is enabled there."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            kind = value.device.type
+            return kind if kind in AUTOCAST_FP32 and torch.is_autocast_enabled(kind) else None
+    return None
+
+
+def _to_fp32(value: Any, device: str) -> Any:
+    """An fp16/bf16 tensor on the autocast device as fp32; anything else unchanged (fp64 and
+    fp32 stay, as PyTorch's autocast leaves them)."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dtype in (torch.float16, torch.bfloat16)
+        and value.device.type == device
+    ):
+        return value.float()
+    return value
+
+
+def autocast_like_torch(name: str) -> Callable[[_F], _F]:
+    """Make a public function behave under ``torch.autocast`` as its PyTorch namesake ``name``.
+
+    Where PyTorch runs ``name`` in fp32 on the autocast device type (:data:`AUTOCAST_FP32`), its
+    half-precision tensor arguments are cast to fp32 and the function runs with autocast off
+    (its own matrix products and reductions must not drop back to half precision), so it
+    returns fp32 as PyTorch does; the gradients reach the half-precision inputs in their own
+    dtype through the casts. A softmax given ``dtype=`` is left alone (PyTorch respects it).
+    Where PyTorch refuses ``name`` under autocast (:data:`AUTOCAST_REFUSED`) this raises its
+    ``RuntimeError``. Outside autocast nothing changes.
+    """
+
+    def wrap(function: _F) -> _F:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            device = _autocast_device(args, kwargs)
+            if device is None:
+                return function(*args, **kwargs)
+            if name in AUTOCAST_REFUSED.get(device, ()):
+                raise RuntimeError(
+                    f"{name} is unsafe to autocast on {device}: its probabilities lose precision "
+                    "in half precision; use binary_cross_entropy_with_logits (safe to autocast) "
+                    "or compute it outside the autocast region"
+                )
+            if name not in AUTOCAST_FP32[device] or kwargs.get("dtype") is not None:
+                return function(*args, **kwargs)
+            args = tuple(_to_fp32(a, device) for a in args)
+            kwargs = {k: _to_fp32(v, device) for k, v in kwargs.items()}
+            with torch.autocast(device, enabled=False):
+                return function(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return wrap

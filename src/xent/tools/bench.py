@@ -32,6 +32,14 @@ import torch
 import torch.nn.functional as F
 
 import xent
+from xent.tools._args import (
+    UsageError,
+    fraction,
+    nonnegative_int,
+    positive_int,
+    writable_file,
+)
+from xent.tools._args import device as _device_type
 from xent.tools._measure import PeakMemory, pyplot
 
 Step = Callable[[], torch.Tensor]
@@ -539,33 +547,55 @@ CUDA_VARIANTS = {
     "distill": ["xent", "torch", "torch.compile", *_TRL],
 }
 
+# Every variant a case defines (some run only on CUDA or with an optional package).
+VARIANTS = {
+    case: sorted(
+        {
+            *DEFAULT_VARIANTS[case],
+            *CUDA_VARIANTS[case],
+            *(["trl"] if case in ("logprobs", "distill") else []),
+        }
+    )
+    for case in DEFAULT_VARIANTS
+}
+
+
+def _device(text: str) -> str:
+    """A device this machine has, kept as its text (the measurements take strings)."""
+    _device_type(text)
+    return text
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "case", nargs="?", default="ce", help="what to measure: " + ", ".join(sorted(CASES))
     )
-    parser.add_argument("-n", "--n", type=int, default=4096, help="rows (tokens)")
+    parser.add_argument("-n", "--n", type=positive_int, default=4096, help="rows (tokens)")
     parser.add_argument(
         "-c",
         "--classes",
         "--vocab",
         dest="c",
-        type=int,
+        type=positive_int,
         default=32000,
         help="classes (vocabulary size)",
     )
-    parser.add_argument("--hidden", dest="h", type=int, default=512, help="hidden size (lce)")
+    parser.add_argument(
+        "--hidden", dest="h", type=positive_int, default=512, help="hidden size (lce)"
+    )
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"]
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"])
     parser.add_argument(
-        "--ignore-frac", type=float, default=0.0, help="fraction of targets set to ignore_index"
+        "--ignore-frac", type=fraction, default=0.0, help="fraction of targets set to ignore_index"
     )
     parser.add_argument("--variants", help="comma-separated subset of the case's variants")
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=nonnegative_int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--csv", help="write the results to this CSV file")
@@ -579,6 +609,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown case {args.case!r}; choose one of {', '.join(sorted(CASES))}")
     defaults = CUDA_VARIANTS if args.device.startswith("cuda") else DEFAULT_VARIANTS
     variants = args.variants.split(",") if args.variants else defaults[args.case]
+    unknown = [v for v in variants if v not in VARIANTS[args.case]]
+    if unknown:
+        raise UsageError(
+            f"--variants: unknown variant {unknown[0]!r} for {args.case}; choose from "
+            + ", ".join(VARIANTS[args.case])
+        )
+    for option, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        writable_file(option, path)
     cfg = Config(
         args.case,
         args.n,

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import xent
+from xent.tools._args import Parser, UsageError, one_line
 
 # name -> (module in xent.tools, one-line help). Each module has add_arguments(parser) and
 # run(args) -> int; heavy imports (matplotlib) wait inside run.
@@ -22,7 +23,7 @@ SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="xent",
         description=(
             "xent: exact, fast classification losses for PyTorch "
@@ -49,7 +50,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    prog = f"xent {args.command}"
+    try:
+        return args.run(args)
+    except SystemExit as exc:  # a module's own message: one line, status 2
+        if exc.code is None or isinstance(exc.code, int):
+            raise
+        sys.stderr.write(f"{prog}: error: {one_line(exc.code).removeprefix(prog + ': ')}\n")
+        return 2
+    except UsageError as err:
+        sys.stderr.write(f"{prog}: error: {one_line(err)}\n")
+        return 2
+    except OSError as err:  # a file that cannot be written or read
+        where = f" {err.filename!r}" if err.filename else ""
+        sys.stderr.write(f"{prog}: error:{where} {one_line(err.strerror or err)}\n")
+        return 1
+    except Exception as err:
+        sys.stderr.write(f"{prog}: error: {type(err).__name__}: {one_line(err)}\n")
+        return 1
 
 
 if __name__ == "__main__":

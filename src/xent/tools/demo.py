@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import xent
+from xent.tools._args import device as device_arg
+from xent.tools._args import nonnegative_int, positive_float, positive_int, writable_folder
 from xent.tools._measure import PeakMemory, pyplot
 
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|[^\sA-Za-z_0-9]")
@@ -178,21 +180,23 @@ def plot_curves(results: list[RunResult], path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
-    parser.add_argument("--batch", type=int, default=1024, help="tokens per step")
-    parser.add_argument("--vocab", type=int, default=32768, help="vocabulary size")
-    parser.add_argument("--context", type=int, default=4, help="previous tokens the model reads")
-    parser.add_argument("--embed", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=positive_int, default=100, help="optimizer steps per run")
+    parser.add_argument("--batch", type=positive_int, default=1024, help="tokens per step")
+    parser.add_argument("--vocab", type=positive_int, default=32768, help="vocabulary size")
+    parser.add_argument(
+        "--context", type=positive_int, default=4, help="previous tokens the model reads"
+    )
+    parser.add_argument("--embed", type=positive_int, default=64)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
     parser.add_argument(
         "--max-files",
-        type=int,
+        type=positive_int,
         default=None,
         help="read only this many standard-library files (quicker, smaller)",
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=device_arg, default="cpu")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--out", default="xent-demo", help="folder for the plot and results")
 
 
@@ -201,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
+    writable_folder("--out", args.out)  # before training, not after
     console = Console()
     device = torch.device(args.device)
     ids, vocab = build_corpus(args.vocab, args.max_files)

@@ -22,6 +22,7 @@ import torch
 
 import xent
 from xent.reference import cross_entropy_reference
+from xent.tools._args import fraction
 
 Steps = dict[str, Any]
 
@@ -283,9 +284,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weight", help="class weights (JSON list)")
     parser.add_argument("--ignore-index", type=int, default=-100)
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--label-smoothing", type=fraction, default=0.0)
     parser.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"])
     parser.add_argument("--json", action="store_true", help="print the steps as JSON")
+
+
+def _is_numbers(value: Any) -> bool:
+    """A number, or a (nested) list of numbers; booleans and strings are not numbers."""
+    if isinstance(value, list):
+        return all(_is_numbers(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _parse(text: str, what: str) -> torch.Tensor:
@@ -293,7 +301,16 @@ def _parse(text: str, what: str) -> torch.Tensor:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise SystemExit(f"xent explain: {what} is not a JSON list: {text!r} ({err})") from None
-    t = torch.tensor(value)
+    if not _is_numbers(value):
+        raise SystemExit(f"xent explain: {what} must be a JSON list of numbers, got {text!r}")
+    try:
+        t = torch.tensor(value)
+    except (TypeError, ValueError) as err:  # ragged rows
+        raise SystemExit(
+            f"xent explain: {what} {text!r} is not a rectangular list ({err})"
+        ) from None
+    if t.numel() == 0:
+        raise SystemExit(f"xent explain: {what} holds no numbers: {text!r}")
     return torch.tensor(value, dtype=torch.float64) if t.is_floating_point() else t
 
 
@@ -338,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         examples = build_examples(args)
-    except (IndexError, ValueError, RuntimeError) as err:
+    except (IndexError, ValueError, RuntimeError, TypeError) as err:
         raise SystemExit(f"xent explain: {err}") from None
     if args.json:
         print(to_json(examples))

@@ -18,6 +18,7 @@ import os
 import torch
 
 import xent
+from xent.tools._args import writable_folder
 from xent.tools._measure import pyplot
 
 FIGURES = ("neg_log.png", "coin_likelihood.png", "masking.png", "label_smoothing.png")
@@ -182,6 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    writable_folder("--out", args.out)
     for path in write_all(args.out):
         print(path)
     return 0
