@@ -476,7 +476,9 @@ ERROR_OPTS = {
     "shape_mismatch",
     "bad_delta",
 }
-STYLES = ["kw", "pos", *LEGACY]
+# How a call is made: keywords, PyTorch's positional order, the legacy slots, or keywords under
+# CPU autocast (bf16) with fp32 inputs.
+STYLES = ["kw", "pos", *LEGACY, "autocast"]
 
 
 def _sensible(p: dict[str, Any]) -> bool:
@@ -552,7 +554,7 @@ def _binary_cases(fn: str, cap: int) -> list[Case]:
     cases = [
         c
         for c in _product(
-            fn, shape=ELEM_SHAPES, dtype=DTYPES, reduction=REDUCTIONS, opt=opts, style=STYLES
+            fn, shape=ELEM_SHAPES, dtype=DTYPES, reduction=REDUCTIONS, opt=opts, style=STYLES[:-1]
         )
         if _sensible(c.params)
     ]
@@ -572,7 +574,7 @@ def _kl_cases(cap: int) -> list[Case]:
         reduction=[*REDUCTIONS, "batchmean"],
         log_target=[False, True],
         opt=["plain", "zero_target", "broadcast"],
-        style=STYLES,
+        style=STYLES[:-1],
     )
     cases = [
         c
@@ -628,14 +630,14 @@ def _softmax_cases(fn: str, cap: int) -> list[Case]:
             dim=_dims(shape),
             dtype_kw=["none", "fp64", "fp32"],
             opt=ACT_OPTS,
-            style=["kw", "pos"],
+            style=["kw", "pos", "autocast"],
         )
     keep = []
     for c in cases:
         p = c.params
         if p["opt"] in SHIFTS and p["dtype"] != "fp32":
             continue
-        if p["style"] == "pos" and (p["dtype_kw"] != "none" or p["dtype"] != "fp32"):
+        if p["style"] != "kw" and (p["dtype_kw"] != "none" or p["dtype"] != "fp32"):
             continue
         if p["dtype_kw"] == "fp32" and p["dtype"] not in ("bf16", "fp16"):
             continue
@@ -664,13 +666,13 @@ def _logsumexp_cases(cap: int) -> list[Case]:
             dim=dims,
             keepdim=[False, True],
             opt=[*ACT_OPTS, "pinf"],
-            style=["kw", "pos"],
+            style=["kw", "pos", "autocast"],
         )
     cases = [
         c
         for c in cases
         if not (c.params["opt"] in SHIFTS and c.params["dtype"] != "fp32")
-        and not (c.params["style"] == "pos" and c.params["dtype"] != "fp32")
+        and not (c.params["style"] != "kw" and c.params["dtype"] != "fp32")
         and not (
             c.params["dim"] == max(len(c.params["shape"]), 1)
             and (c.params["dtype"], c.params["opt"]) != ("fp32", "plain")
@@ -712,7 +714,7 @@ def _linear_cases(cap: int) -> list[Case]:
         reduction=REDUCTIONS,
         bias=[False, True],
         opt=opts,
-        style=["kw"],
+        style=["kw", "autocast"],
     )
     cases = [
         c
@@ -819,8 +821,13 @@ class Side:
         return cls(*args, **kwargs)(*fwd), {}
 
 
-def _run(side: Side, call: Call, values: dict[str, Any]):
-    with warnings.catch_warnings():
+def _run(
+    side: Side, call: Call, values: dict[str, Any], *, reference: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.nn.Parameter]]:
+    """The call on one side, warnings silenced; an ``autocast`` case runs under CPU bf16
+    autocast, except for its float64 reference."""
+    autocast = call.style == "autocast" and not reference
+    with warnings.catch_warnings(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         warnings.simplefilter("ignore")
         return side(call, values)
 
@@ -856,18 +863,24 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype) -> bool
 
 
 def _check_values(
-    what: str, ours: torch.Tensor, theirs: torch.Tensor, ref: Callable[[], torch.Tensor]
+    what: str,
+    ours: torch.Tensor,
+    theirs: torch.Tensor,
+    ref: Callable[[], torch.Tensor],
+    precision: torch.dtype | None = None,
 ) -> None:
-    """Within tolerance of PyTorch, or no farther from the float64 answer than PyTorch is."""
+    """Within tolerance of PyTorch, or no farther from the float64 answer than PyTorch is; the
+    tolerance is that of ``precision`` (by default the result's dtype)."""
+    precision = precision or theirs.dtype
     assert ours.dtype == theirs.dtype, f"{what}: dtype {ours.dtype} != torch's {theirs.dtype}"
     assert ours.shape == theirs.shape, (
         f"{what}: shape {tuple(ours.shape)} != torch's {tuple(theirs.shape)}"
     )
     ours, theirs = ours.detach(), theirs.detach()
-    if _close(ours, theirs, theirs.dtype):
+    if _close(ours, theirs, precision):
         return
     try:
-        assert_error_floor(ours, theirs, ref().detach(), RTOL.get(theirs.dtype, 0.0))
+        assert_error_floor(ours, theirs, ref().detach(), RTOL.get(precision, 0.0))
     except AssertionError:
         diff = (ours.double() - theirs.double()).abs().nan_to_num(math.inf)
         worst = diff.max().item() if diff.numel() else 0.0
@@ -897,10 +910,14 @@ def test_sweep_matches_torch(case: Case) -> None:
 
     def reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not ref_cache:
-            ref_cache["out"], ref_cache["params"] = _run(theirs_side, call, values64)
+            ref_cache["out"], ref_cache["params"] = _run(
+                theirs_side, call, values64, reference=True
+            )
         return ref_cache["out"], ref_cache["params"]
 
-    _check_values("value", ours, theirs, lambda: reference()[0])
+    # Under autocast PyTorch computes in bf16: results are held to bf16's tolerance.
+    precision = torch.bfloat16 if call.style == "autocast" else None
+    _check_values("value", ours, theirs, lambda: reference()[0], precision)
 
     leaves = {
         k: v for k, v in call.values.items() if isinstance(v, torch.Tensor) and v.requires_grad
@@ -924,7 +941,11 @@ def test_sweep_matches_torch(case: Case) -> None:
 
     for name in names:
         _check_values(
-            f"grad[{name}]", g_ours[name], g_theirs[name], lambda n=name: grad_reference(n)
+            f"grad[{name}]",
+            g_ours[name],
+            g_theirs[name],
+            lambda n=name: grad_reference(n),
+            precision,
         )
 
 
