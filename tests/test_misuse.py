@@ -74,6 +74,18 @@ def _linear_log_probs_oracle(hidden: Any, weight: Any, target: Any, bias: Any = 
     return _log_probs_oracle(F.linear(hidden, weight, bias), target)
 
 
+ADVANTAGES = torch.randn(3, generator=_gen)
+OLD_LOG_PROBS = -1.5 + 0.5 * torch.randn(3, generator=_gen)
+
+
+def _policy_oracle(
+    hidden: Any, weight: Any, target: Any, advantages: Any, old_log_probs: Any = None
+) -> torch.Tensor:
+    # PPO's clipped surrogate (clip 0.2 both ways), mean over tokens.
+    r = (-F.cross_entropy(F.linear(hidden, weight), target, reduction="none") - old_log_probs).exp()
+    return -torch.minimum(r * advantages, r.clamp(0.8, 1.2) * advantages).mean()
+
+
 def _distill_oracle(student_logits: Any, teacher_logits: Any) -> torch.Tensor:
     ls, lt = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
     return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1).mean()
@@ -200,6 +212,12 @@ TABLE: dict[str, Entry] = {
         dict(hidden=HIDDEN, weight=HEAD, target=TARGET),
         dict(bias=PROBS[0]),
     ),
+    "linear_policy_loss": Entry(
+        xent.linear_policy_loss,
+        _policy_oracle,
+        dict(hidden=HIDDEN, weight=HEAD, target=TARGET, advantages=ADVANTAGES),
+        dict(old_log_probs=OLD_LOG_PROBS),
+    ),
     "distill_divergence": Entry(
         xent.distill_divergence,
         _distill_oracle,
@@ -315,6 +333,24 @@ DEVIATIONS: dict[str, dict[str, Any]] = {
             "nn.LinearCrossEntropyLoss",
             "log_probs",
             "linear_log_probs",
+            "linear_policy_loss",
+        )
+    },
+    # Advantages and old log-probabilities are data of the loss's own dtype: xent refuses
+    # non-tensors and non-floating dtypes, where the oracle's arithmetic would take a number or
+    # promote an integer tensor.
+    **{
+        f"linear_policy_loss/{slot}-{kind}": dict(raises=raises)
+        for slot in ("advantages", "old_log_probs")
+        for kind, raises in (
+            ("list", NotATensorError),
+            ("ndarray", NotATensorError),
+            ("number", NotATensorError),
+            ("int64", DtypeError),
+            ("int32", DtypeError),
+            ("uint8", DtypeError),
+            ("bool", DtypeError),
+            ("complex64", DtypeError),
         )
     },
     # PyTorch returns a complex "loss" here; a complex target or weight has no meaning.

@@ -704,7 +704,8 @@ def test_errors_name_the_offending_value():
 
 
 def test_posttrain_module_exports():
-    for name in ("log_probs", "linear_log_probs", "distill_divergence", "LogProbs"):
+    names = ("log_probs", "linear_log_probs", "distill_divergence", "LogProbs")
+    for name in (*names, "linear_policy_loss", "PolicyLoss"):
         assert getattr(xent, name) is getattr(posttrain, name)
 
 
@@ -725,7 +726,8 @@ def test_bench_cases_compute_the_same_loss(case):
 
     cfg = bench.Config(case=case, n=37, c=53, h=8, ignore_frac=0.2)
     built = bench.CASES[case](cfg)
-    names = ["xent", "torch"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    names = ["xent", "torch"] + (["xent log_probs"] if case == "logprobs" else [])
+    names += ["trl"] if importlib.util.find_spec("trl") else []
     results = []
     for name in names:
         for p in built.params:
@@ -737,6 +739,233 @@ def test_bench_cases_compute_the_same_loss(case):
         torch.testing.assert_close(loss, results[0][0], atol=1e-5, rtol=1e-5)
         for g, g0 in zip(grads, results[0][1], strict=True):
             torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The clipped policy-gradient loss on hidden states
+# --------------------------------------------------------------------------------------------
+
+
+def _oracle_policy(z, target, adv, old=None, clip=(0.2, 0.2), beta=0.0, reduction="mean",
+                   normalizer=None, ignore_index=-100, **transform):  # fmt: skip
+    """PPO's clipped surrogate per token from the float64 oracle's log p and H, written with
+    explicit branches (not torch.minimum): the clipped branch where it is strictly smaller."""
+    lp, ent, _ = _oracle_log_probs(z, target, ignore_index, **transform)
+    a = adv.double().broadcast_to(lp.shape)
+    old = lp.detach() if old is None else old.double()
+    r = torch.exp(lp - old)
+    rc = torch.where(r < 1 - clip[0], 1 - clip[0], torch.where(r > 1 + clip[1], 1 + clip[1], r))
+    rc = torch.where((r < 1 - clip[0]) | (r > 1 + clip[1]), rc.detach(), r)
+    use_clip = rc * a < r * a
+    valid = target != ignore_index
+    per = torch.where(valid, -torch.where(use_clip, rc * a, r * a) - beta * ent, 0.0)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / (valid.sum() if normalizer is None else normalizer)
+
+
+def _policy_problem(n=13, h=6, v=17, seed=0, ignored=True, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(v, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=gen)
+    if ignored:
+        t[::4] = -100
+    adv = torch.randn(n, generator=gen, dtype=torch.float64)
+    # Old log-probabilities near the current ones, so that some ratios fall in the clip range
+    # and some outside it, on both sides.
+    with torch.no_grad():
+        lp = xent.linear_log_probs(x.double(), w.double(), t, bias=b.double())
+    old = lp + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return x, w, b, t, adv, old
+
+
+POLICY_OPTIONS = [
+    {},
+    {"entropy_coef": 0.05},
+    {"old": True},
+    {"old": True, "clip_high": 0.35, "entropy_coef": -0.02, "temperature": 0.7},
+    {"old": True, "softcap": 3.0, "logit_scale": 1.3, "entropy_coef": 0.1, "reduction": "sum"},
+    {"old": True, "temperature": "rows", "entropy_coef": 0.1, "reduction": "none"},
+    {"old": True, "normalizer": 40.0, "entropy_coef": 0.01, "bias": False},
+]
+
+
+def _policy_kwargs(opts, n, old):
+    kw = dict(opts)
+    kw.pop("bias", None)
+    if kw.pop("old", False):
+        kw["old_log_probs"] = old
+    if kw.get("temperature") == "rows":
+        kw["temperature"] = torch.linspace(0.4, 2.5, n, dtype=torch.float64)
+    return kw
+
+
+def _oracle_kwargs(kw):
+    ok = dict(kw)
+    ok["old"] = ok.pop("old_log_probs", None)
+    ok["beta"] = ok.pop("entropy_coef", 0.0)
+    clip_high = ok.pop("clip_high", None)
+    ok["clip"] = (0.2, 0.2 if clip_high is None else clip_high)
+    return ok
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("opts", POLICY_OPTIONS)
+def test_linear_policy_loss_matches_the_oracle(opts, chunk_size):
+    x, w, b, t, adv, old = _policy_problem()
+    bias = b if opts.get("bias", True) else None
+    kw = _policy_kwargs(opts, x.shape[0], old)
+    for impl in ("torch", "reference"):
+        loss = xent.linear_policy_loss(x, w, t, adv, bias=bias, chunk_size=chunk_size,
+                                       impl=impl, **kw)  # fmt: skip
+        z = F.linear(x, w, bias)
+        ref = _oracle_policy(z, t, adv, **_oracle_kwargs(kw))
+        torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+        params = [x, w] + ([bias] if bias is not None else [])
+        g_out = torch.linspace(-1, 2, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+        grads = torch.autograd.grad(loss, params, g_out)
+        grads_ref = torch.autograd.grad(ref, params, g_out)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_linear_policy_loss_clips_on_both_sides_and_reports_it():
+    x, w, b, t, adv, old = _policy_problem(n=40, seed=3)
+    out = xent.linear_policy_loss(x, w, t, adv, old_log_probs=old, bias=b, return_stats=True)
+    ref = xent.linear_log_probs(x, w, t, bias=b, return_entropy=True)
+    torch.testing.assert_close(out.log_probs, ref.log_probs, atol=1e-13, rtol=0)
+    torch.testing.assert_close(out.entropy, ref.entropy, atol=1e-13, rtol=0)
+    r = torch.exp(ref.log_probs - old)
+    valid = t != -100
+    low = valid & (r < 0.8) & (adv < 0)
+    high = valid & (r > 1.2) & (adv > 0)
+    assert low.any() and high.any() and (valid & ~low & ~high).any()  # the problem covers them
+    assert torch.equal(out.clipped, low | high)
+    assert out.clipped.dtype == torch.bool and not out.clipped[~valid].any()
+    assert out.log_probs.requires_grad is False and out.loss.requires_grad
+    # The clipped tokens' hidden states get no gradient (entropy_coef = 0).
+    (gx,) = torch.autograd.grad(out.loss, x)
+    assert torch.all(gx[out.clipped | ~valid] == 0) and torch.all(gx[~out.clipped & valid] != 0)
+
+
+def test_linear_policy_loss_on_policy_is_the_policy_gradient():
+    """Without old log-probabilities: -mean(A) - β mean(H) in value, the gradient of
+    -mean(A log p) - β mean(H) (the REINFORCE form), per-sequence advantages broadcast."""
+    x, w, b, t, _, _ = _policy_problem(n=12)
+    adv = torch.randn(3, 1, dtype=torch.float64)
+    x3, t3 = x.reshape(3, 4, -1), t.reshape(3, 4)
+    loss = xent.linear_policy_loss(x3, w, t3, adv, bias=b, entropy_coef=0.1)
+    out = xent.linear_log_probs(x3, w, t3, bias=b, return_entropy=True)
+    valid = t3 != -100
+    a = adv.expand(3, 4)
+    torch.testing.assert_close(loss, -(a[valid].sum() + 0.1 * out.entropy[valid].sum()) / 9)
+    reinforce = -(a * out.log_probs).sum() / 9 - 0.1 * out.entropy.sum() / 9
+    for g, g_ref in zip(torch.autograd.grad(loss, (x, w, b)),
+                        torch.autograd.grad(reinforce, (x, w, b)), strict=True):  # fmt: skip
+        torch.testing.assert_close(g, g_ref, atol=1e-13, rtol=1e-11)
+
+
+def test_linear_policy_loss_forms_gradients_in_the_forward_walk(monkeypatch):
+    """A scalar loss walks the chunks once (forward), "none" twice; backward of a retained
+    graph walks again and agrees bit for bit."""
+    calls = []
+    real = posttrain.linear_walk
+
+    def counting(*args, **kw):
+        calls.append(kw.get("need"))
+        return real(*args, **kw)
+
+    x, w, b, t, adv, old = _policy_problem()
+    monkeypatch.setattr(posttrain, "linear_walk", counting)
+    loss = xent.linear_policy_loss(x, w, t, adv, old_log_probs=old, bias=b, entropy_coef=0.1)
+    assert calls == [(True, True, True)]
+    g1 = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    assert len(calls) == 1
+    g2 = torch.autograd.grad(loss, (x, w, b))
+    assert len(calls) == 2
+    for a, c in zip(g1, g2, strict=True):
+        assert torch.equal(a, c)
+    calls.clear()
+    per = xent.linear_policy_loss(x, w, t, adv, old_log_probs=old, bias=b, reduction="none")
+    per.sum().backward()
+    assert calls == [(False, False, False), (True, True, True)]
+    calls.clear()
+    with torch.no_grad():
+        xent.linear_policy_loss(x, w, t, adv)
+    assert calls == [(False, False, False)]
+
+
+def test_linear_policy_loss_upstream_factor_and_all_ignored():
+    x, w, b, t, adv, old = _policy_problem()
+    loss = xent.linear_policy_loss(x, w, t, adv, old_log_probs=old, bias=b, entropy_coef=0.1)
+    g = torch.autograd.grad(3.5 * loss, (x, w, b))
+    ref = _oracle_policy(F.linear(x, w, b), t, adv, old, beta=0.1)
+    for a, c in zip(g, torch.autograd.grad(3.5 * ref, (x, w, b)), strict=True):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+    t_all = torch.full_like(t, -100)
+    loss = xent.linear_policy_loss(x, w, t_all, adv, bias=b, entropy_coef=0.1)
+    assert torch.isnan(loss)  # 0 / 0, as a mean over no token
+    assert all(torch.all(g == 0) for g in torch.autograd.grad(loss, (x, w, b)))
+    loss = xent.linear_policy_loss(x, w, t_all, adv, reduction="sum", entropy_coef=0.1)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_policy_loss_half_precision(dtype):
+    x, w, b, t, adv, old = _policy_problem(dtype=dtype)
+    # Off-policy only in fp32: half-precision logits may move a ratio across the clip boundary,
+    # where the gradient jumps; on-policy the loss is smooth.
+    kw = dict(entropy_coef=0.05, old_log_probs=old.float() if dtype == torch.float32 else None)
+    loss = xent.linear_policy_loss(x, w, t, adv.float(), bias=b, **kw)
+    assert loss.dtype == dtype
+    ref = xent.linear_policy_loss(
+        x.double(), w.double(), t, adv, bias=b.double(), **kw, impl="reference"
+    )
+    torch.testing.assert_close(loss.double(), ref, atol=2e-2, rtol=2e-2)
+    gx, gw = torch.autograd.grad(loss * 256, (x, w))
+    assert gx.dtype == dtype and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = xent.linear_policy_loss(xd, wd, t, adv, bias=b.double(), **kw, impl="reference")
+    rx, rw = torch.autograd.grad(ref * 256, (xd, wd))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # half products round the logits
+    for g, r in ((gx, rx), (gw, rw)):  # entries that cancel are off by the rounding of the rest
+        torch.testing.assert_close(g.double(), r, atol=tol * float(r.abs().max()), rtol=tol)
+
+
+def test_gradcheck_linear_policy_loss():
+    x, w, b, t, adv, old = _policy_problem(n=7, h=3, v=5)
+    kw = dict(old_log_probs=old, entropy_coef=0.3, softcap=2.0, temperature=0.8)
+    for reduction in ("mean", "none"):
+
+        def fn(x, w, b, reduction=reduction):
+            return xent.linear_policy_loss(x, w, t, adv, bias=b, chunk_size=3,
+                                           reduction=reduction, **kw)  # fmt: skip
+
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_linear_policy_loss_errors_name_the_offending_value():
+    x, w, _, t, adv, old = _policy_problem(n=6)
+    with pytest.raises(ValueError, match="clip_low"):
+        xent.linear_policy_loss(x, w, t, adv, clip_low=-0.1)
+    with pytest.raises(ValueError, match="clip_high"):
+        xent.linear_policy_loss(x, w, t, adv, clip_high=math.inf)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        xent.linear_policy_loss(x, w, t, adv, entropy_coef=math.nan)
+    with pytest.raises(ValueError, match=r"advantages of shape \(4,\)"):
+        xent.linear_policy_loss(x, w, t, adv[:4])
+    with pytest.raises(ValueError, match="old_log_probs must have"):
+        xent.linear_policy_loss(x, w, t, adv, old_log_probs=old[:5])
+    with pytest.raises(ValueError, match="'batchmean' is not a valid value for reduction"):
+        xent.linear_policy_loss(x, w, t, adv, reduction="batchmean")
+    with pytest.raises(ValueError, match="normalizer"):
+        xent.linear_policy_loss(x, w, t, adv, reduction="sum", normalizer=4.0)
+    with pytest.raises(IndexError, match="Target 17"):
+        xent.linear_policy_loss(x, w, torch.full_like(t, 17), adv)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ from xent.fused import linear_cross_entropy
 from xent.metrics import log_loss
 from xent.posttrain import (
     LogProbs,
+    PolicyLoss,
     distill_divergence,
     linear_distill_divergence,
     linear_log_probs,
+    linear_policy_loss,
     log_probs,
 )
 from xent.reference import linear_cross_entropy_reference
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LogProbs",
+    "PolicyLoss",
     "__version__",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -40,6 +43,7 @@ __all__ = [
     "linear_cross_entropy_reference",
     "linear_distill_divergence",
     "linear_log_probs",
+    "linear_policy_loss",
     "log_loss",
     "log_probs",
     "log_softmax",

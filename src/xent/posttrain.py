@@ -30,10 +30,16 @@ from xent._engine import transforms
 from xent._engine.dispatch import logprob_backend as _rows
 from xent._engine.dispatch import resolve, scale_unless_one_
 from xent._engine.logprob_rows import log_prob_grad_rows, log_prob_rows_parallel
-from xent._engine.options import DivergenceParams, LogProbParams, Transform
+from xent._engine.options import DivergenceParams, LogProbParams, PolicyParams, Transform
 from xent._engine.policy import grad_in_forward, refuse_double_backward
 from xent._engine.walker import fp32_out_gemms, linear_walk, mm_fp32, tokens_per_chunk
-from xent._numerics import compute_dtype, host_reads_cheap, in_dtypes_of
+from xent._numerics import (
+    compute_dtype,
+    host_reads_cheap,
+    in_dtypes_of,
+    reduce_rows,
+    row_coefficients,
+)
 from xent._validation import (
     check_chunk_size,
     check_normalizer,
@@ -705,6 +711,330 @@ def linear_log_probs(
     opts = _LPOpts(params, target.reshape(-1).long(), inv_t, chunk)
     lp, ent, top = _LinearLogProbs.apply(x, weight, bias, opts)
     return _lp_result(lp, ent, top, target.shape, return_entropy, return_top1)
+
+
+# --------------------------------------------------------------------------------------------
+# The clipped policy-gradient loss on hidden states
+# --------------------------------------------------------------------------------------------
+
+POLICY_REDUCTIONS = ("none", "mean", "sum")
+
+
+class PolicyLoss(NamedTuple):
+    """:func:`linear_policy_loss` with ``return_stats=True``: the loss and, per token (the
+    target's shape, fp32, no gradient), ``log p(y)``, the entropy (0 unless it is in the loss
+    or ``return_stats``) and whether the ratio was clipped (bool)."""
+
+    loss: torch.Tensor
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    clipped: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _PolicyOpts:
+    """Options and non-differentiable tensors of one policy-loss call."""
+
+    params: PolicyParams
+    target: torch.Tensor  # (M) int64
+    inv_temp: torch.Tensor | float
+    advantages: torch.Tensor  # (M), compute dtype
+    old_log_probs: torch.Tensor | None  # (M), compute dtype; None on-policy
+    reduction: str
+    coef: torch.Tensor  # (M) c_i = ∂L/∂ℓ_i for an upstream gradient of 1; 0 on ignored tokens
+    denom: torch.Tensor | None  # the mean's denominator
+    need: tuple[bool, bool, bool]  # gradients wanted for hidden, weight, bias
+    chunk_tokens: int | None = None
+
+
+# Bytes of fp32 per scratch buffer of the policy loss's torch kernel: its statistics and its
+# gradient visit each block twice in a row, so blocks that stay in the L2/L3 caches (the
+# cross-entropy kernel's 4 MiB) save a round trip to memory per pass.
+POLICY_BLOCK_BYTES = 4 << 20
+
+
+def _policy_chunk(chunk: int | None, vocab: int, x: torch.Tensor, capped: bool) -> tuple[int, int]:
+    """``(tokens per chunk, rows per block of the torch kernel)`` for :func:`linear_policy_loss`.
+
+    The kernel's scratch is two blocks of :data:`POLICY_BLOCK_BYTES` (one more through a cap,
+    and one on the tensor-core path, for the fp32 gradient beside the bf16 one); the default
+    chunk holds as many tokens as the walker's budget holds once that is set aside.
+    """
+    block = max(1, POLICY_BLOCK_BYTES // (4 * max(vocab, 1)))
+    if chunk is None:
+        split = fp32_out_gemms(x)
+        per_logit = 6 if split else 4
+        scratch_rows = -(-(2 + int(capped) + int(split)) * block * 4 // per_logit)
+        chunk = max(1, tokens_per_chunk(vocab, x.device, per_logit, min_tokens=1) - scratch_rows)
+    return chunk, min(block, chunk)
+
+
+class _PolicyKernel:
+    """The row kernel of :func:`linear_policy_loss` for the chunk walker: per-token loss,
+    log-probability, entropy and clip flag, and with ``coef`` the gradient of ``Σ c_i ℓ_i``."""
+
+    def __init__(self, opts: _PolicyOpts, coef: torch.Tensor | None) -> None:
+        self.opts, self.coef = opts, coef
+
+    def __call__(self, z, rows, grad_out):
+        o = self.opts
+        return _rows(o.params.log_probs.impl).policy_rows(
+            z,
+            o.target[rows],
+            _index(o.inv_temp, rows),
+            o.params,
+            o.advantages[rows],
+            None if o.old_log_probs is None else o.old_log_probs[rows],
+            None if grad_out is None else self.coef[rows],
+            grad_out,
+        )
+
+
+def _policy_walk(x, w, b, opts: _PolicyOpts, coef, need):
+    return linear_walk(
+        x,
+        w,
+        b,
+        _PolicyKernel(opts, coef),
+        num_outputs=4,
+        need=need,
+        skip=opts.target == opts.params.log_probs.ignore_index,
+        chunk_tokens=opts.chunk_tokens,
+    )
+
+
+class _LinearPolicyLoss(torch.autograd.Function):
+    """``(M, H)`` hidden states and the ``(V, H)`` head → the policy loss (and detached
+    per-token statistics). A scalar loss is finished, gradients included, in one walk: the
+    forward returns the gradients as extra non-differentiable outputs, which ``setup_context``
+    keeps for backward; ``"none"`` (and fp16, :func:`grad_in_forward`) walks again in backward."""
+
+    @staticmethod
+    def forward(x, w, b, opts: _PolicyOpts):
+        early = grad_in_forward(opts.reduction, x.dtype) and any(opts.need)
+        need = opts.need if early else (False, False, False)
+        (loss, lp, ent, clipped), gx, gw, gb = _policy_walk(x, w, b, opts, opts.coef, need)
+        out = reduce_rows(loss, opts.reduction, opts.denom)
+        empty = loss.new_empty(0)
+        grads = tuple(empty if g is None else g for g in (gx, gw, gb))
+        return (out.to(x.dtype), lp, ent, clipped > 0.5, *grads, early)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, opts = inputs
+        _, lp, ent, clipped, gx, gw, gb, early = output
+        ctx.mark_non_differentiable(lp, ent, clipped, gx, gw, gb)
+        ctx.set_materialize_grads(False)
+        ctx.opts, ctx.early = opts, early
+        ctx.grads = (gx, gw, gb) if early else None
+        ctx.save_for_backward(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        if g is None:
+            return None, None, None, None
+        refuse_double_backward("linear_policy_loss")
+        x, w, b = ctx.saved_tensors
+        opts: _PolicyOpts = ctx.opts
+        need = tuple(ctx.needs_input_grad[:3])
+        g = g.to(opts.coef.dtype)
+        if ctx.grads is not None:
+            grads = tuple(
+                gr if wanted else None for gr, wanted in zip(ctx.grads, opts.need, strict=True)
+            )
+            ctx.grads = None  # hand the buffers over: no copy
+            scale_unless_one_(grads, g, opts.params.log_probs.impl)
+        elif ctx.early:
+            # A second backward through a retained graph: the forward's own arithmetic again.
+            _, *grads = _policy_walk(x, w, b, opts, opts.coef, need)
+            scale_unless_one_(tuple(grads), g, opts.params.log_probs.impl)
+        else:
+            # "none" or fp16: the upstream factor joins the coefficients before any rounding.
+            coef = opts.coef * (g.reshape(-1) if opts.reduction == "none" else g)
+            _, *grads = _policy_walk(x, w, b, opts, coef, need)
+        return (*in_dtypes_of(tuple(grads), (x, w, b)), None)
+
+
+def _per_token(
+    name: str, value: torch.Tensor, shape: torch.Size, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """A detached per-token tensor broadcast to ``shape`` and flattened, in ``dtype``."""
+    try:
+        t = value.detach().to(device=device, dtype=dtype).broadcast_to(shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} does not broadcast to the target's shape "
+            f"{tuple(shape)} (one value per sequence of (B, S) tokens is (B, 1))"
+        ) from None
+    return t.reshape(-1).contiguous()
+
+
+def _check_clip(name: str, value: float) -> float:
+    if isinstance(value, torch.Tensor) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0.0:
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    return v
+
+
+def linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_log_probs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    entropy_coef: float = 0.0,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: torch.Tensor | float | None = None,
+    return_stats: bool = False,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor | PolicyLoss:
+    """The clipped policy-gradient loss (PPO, GRPO, DAPO) of the logits ``hidden @ weight.T +
+    bias``, gradients formed in the same walk as the loss, logits never stored.
+
+    Per token, with ``log p(y)`` and the entropy ``H`` of the transformed distribution (as in
+    :func:`linear_log_probs`: scale, soft cap, temperature), advantage ``A`` and
+    ``r = exp(log p(y) - old)``:
+
+    .. math::
+
+        \\ell = -\\min\\bigl(r A,\\ \\operatorname{clip}(r, 1 - \\varepsilon_{lo},
+        1 + \\varepsilon_{hi}) A\\bigr) - \\beta H,
+
+    with ``ε_lo = clip_low``, ``ε_hi = clip_high`` (``clip_low`` when None) and
+    ``β = entropy_coef``. Without ``old_log_probs`` the loss is on-policy: ``old = log p(y)``
+    without gradient, so ``r = 1`` in value (``ℓ = -A - βH``) and the gradient is
+    ``-A ∂log p(y) - β ∂H``. Where the clipped term is the strictly smaller one, the token's
+    ratio is clipped and ``log p(y)`` gets no gradient:
+    ``∂ℓ/∂log p(y) = -A r [r A ≤ clip(r) A]``, ``∂ℓ/∂H = -β`` (derived, down to the logits, in
+    :mod:`xent._engine.logprob_rows`).
+
+    Reductions: ``"mean"`` sums ``ℓ`` over the tokens whose target is not ``ignore_index`` and
+    divides by their count (token-level; ``normalizer`` replaces the count, e.g. the tokens of
+    the whole accumulated batch); ``"sum"``; ``"none"`` gives ``ℓ`` per token (0 on ignored
+    ones). Ignored tokens contribute nothing and are dropped before any matrix product.
+
+    The gradient of a ``"mean"`` or ``"sum"`` loss is formed chunk by chunk during the forward
+    pass (the coefficients of each token are known once its row's statistics are), so a step
+    costs the ``6·N·H·V`` flops of the products ``z = h Wᵀ``, ``∂h = ∂z W`` and
+    ``∂W = ∂zᵀ h``, against ``8·N·H·V`` for :func:`linear_log_probs` followed by the loss
+    (its backward forms the logits again); backward only applies the upstream factor.
+
+    Args:
+        hidden: ``(..., H)``; fp32, bf16, fp16 or fp64.
+        weight: ``(V, H)``, same dtype. bias: optional ``(V)``.
+        target: ``(...)`` sampled token ids (the hidden states' shape without ``H``).
+        advantages: per token, broadcastable to ``target``'s shape (``(B, 1)`` for one per
+            sequence of ``(B, S)`` tokens); data, no gradient.
+        old_log_probs: ``log p_old(y)`` per token (``target``'s shape), or None (on-policy).
+        clip_low, clip_high: the ratio's clip range ``[1 - clip_low, 1 + clip_high]``, both
+            ``≥ 0``; ``clip_high=None`` takes ``clip_low``.
+        entropy_coef: ``β``, the entropy bonus's weight (0: the entropy is not computed unless
+            ``return_stats``).
+        temperature, logit_scale, softcap, ignore_index: as in :func:`linear_log_probs`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``. normalizer: the mean's denominator
+            instead of the count of tokens (a number or one-element tensor).
+        return_stats: also return the per-token statistics, as a :class:`PolicyLoss`.
+        chunk_size: tokens per chunk, as in :func:`linear_log_probs`.
+        impl: ``"auto"``, ``"torch"``, ``"triton"`` (the row kernel; the products are torch's)
+            or ``"reference"`` (materialise the logits; autograd).
+
+    Returns:
+        The loss in ``hidden``'s dtype (a scalar, or the target's shape for ``"none"``), or
+        ``PolicyLoss(loss, log_probs, entropy, clipped)``.
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias``. Memory besides the gradients: one
+    chunk of fp32 logits and the kernel's scratch (48 MiB by default). Equals
+    :func:`linear_policy_loss_reference` (the logits materialised).
+
+    Example:
+        >>> import torch, xent
+        >>> h, w = torch.eye(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> y, adv = torch.tensor([0, 0]), torch.tensor([1.0, -0.5])
+        >>> xent.linear_policy_loss(h, w, y, adv)  # on-policy: -mean(A)
+        tensor(-0.2500)
+        >>> old = torch.tensor([-0.3, -1.0])
+        >>> out = xent.linear_policy_loss(h, w, y, adv, old_log_probs=old, return_stats=True)
+        >>> out.loss, out.clipped
+        (tensor(-0.2934), tensor([False,  True]))
+    """
+    check_tensor_args(
+        linear_policy_loss,
+        floating=("hidden", "weight", "advantages", "old_log_probs", "bias"),
+        hidden=hidden,
+        weight=weight,
+        target=target,
+        advantages=advantages,
+        old_log_probs=old_log_probs,
+        bias=bias,
+    )
+    _check_head("", hidden, weight, bias)
+    kind = resolve(impl, hidden)
+    vocab = weight.shape[0]
+    _check_target(target, hidden.shape[:-1], vocab, ignore_index)
+    check_reduction(reduction, POLICY_REDUCTIONS)
+    norm = check_normalizer(normalizer, reduction)
+    lo = _check_clip("clip_low", clip_low)
+    hi = lo if clip_high is None else _check_clip("clip_high", clip_high)
+    if isinstance(entropy_coef, torch.Tensor) or not math.isfinite(float(entropy_coef)):
+        raise ValueError(f"entropy_coef must be a finite number, got {entropy_coef!r}")
+    beta = float(entropy_coef)
+    if old_log_probs is not None and tuple(old_log_probs.shape) != tuple(target.shape):
+        raise ValueError(
+            f"old_log_probs must have the target's shape {tuple(target.shape)}, got "
+            f"{tuple(old_log_probs.shape)}"
+        )
+    scale = _check_positive("logit_scale", logit_scale)
+    cap = _check_positive("softcap", softcap, allow_none=True)
+    chunk = check_chunk_size(chunk_size)
+    cdtype = compute_dtype(hidden.dtype)
+    adv = _per_token("advantages", advantages, target.shape, hidden.device, cdtype)
+    if kind == "reference":
+        return linear_policy_loss_reference(
+            hidden, weight, target, advantages, old_log_probs=old_log_probs, bias=bias,
+            clip_low=lo, clip_high=hi, entropy_coef=beta, temperature=temperature,
+            logit_scale=scale, softcap=cap, ignore_index=ignore_index, reduction=reduction,
+            normalizer=norm, return_stats=return_stats,
+        )  # fmt: skip
+    inv_t = _inverse_temperature(temperature, target.shape, hidden.device, cdtype)
+    entropy = beta != 0.0 or bool(return_stats)
+    chunk, block = _policy_chunk(chunk, vocab, hidden, cap is not None)
+    lpp = LogProbParams(
+        Transform(scale, cap), int(ignore_index), entropy, block_rows=block, impl=kind
+    )
+    t = target.reshape(-1).long()
+    _, coef, denom = row_coefficients(
+        t, reduction=reduction, dtype=cdtype, ignore_index=int(ignore_index), normalizer=norm
+    )
+    old = None
+    if old_log_probs is not None:
+        old = old_log_probs.detach().reshape(-1).to(device=hidden.device, dtype=cdtype)
+    grad_on = torch.is_grad_enabled()
+    need = tuple(
+        bool(grad_on and p is not None and p.requires_grad) for p in (hidden, weight, bias)
+    )
+    opts = _PolicyOpts(
+        PolicyParams(lpp, lo, hi, beta, old is not None),
+        t, inv_t, adv, old, reduction, coef, denom, need, chunk,
+    )  # fmt: skip
+    x = hidden.reshape(-1, hidden.shape[-1])
+    loss, lp, ent, clipped, *_ = _LinearPolicyLoss.apply(x, weight, bias, opts)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    if not return_stats:
+        return loss
+    shape = target.shape
+    return PolicyLoss(loss, lp.reshape(shape), ent.reshape(shape), clipped.reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1557,3 +1887,57 @@ def _divergence_reference(zs: torch.Tensor, zt: torch.Tensor, opts: _DivOpts) ->
         per = beta * kl(q, lt, lm) + (1 - beta) * kl(p, torch.where(p > 0, ls, 0.0), lm)
     per = torch.where(opts.valid, per, 0.0)
     return _div_reduce(per, opts)
+
+
+def linear_policy_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_log_probs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    entropy_coef: float = 0.0,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: torch.Tensor | float | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | PolicyLoss:
+    """The plain-PyTorch definition of :func:`linear_policy_loss`: the logits materialised,
+    ``torch.minimum`` of the two surrogate terms, autograd through everything.
+
+    Example:
+        >>> import torch
+        >>> from xent.posttrain import linear_policy_loss_reference
+        >>> h, y, adv = torch.eye(2), torch.tensor([0, 1]), torch.tensor([1.0, 3.0])
+        >>> linear_policy_loss_reference(h, torch.eye(2), y, adv)
+        tensor(-2.)
+    """
+    out = linear_log_probs_reference(
+        hidden, weight, target, bias=bias, temperature=temperature, logit_scale=logit_scale,
+        softcap=softcap, ignore_index=ignore_index, return_entropy=True,
+    )  # fmt: skip
+    lp, ent = out.log_probs, out.entropy
+    a = advantages.detach().to(lp.dtype).broadcast_to(lp.shape)
+    old = lp.detach() if old_log_probs is None else old_log_probs.detach().to(lp.dtype)
+    hi = clip_low if clip_high is None else clip_high
+    r = torch.exp(lp - old)
+    ra, ca = r * a, r.clamp(1.0 - clip_low, 1.0 + hi) * a
+    valid = target != ignore_index
+    per = torch.where(valid, -torch.minimum(ra, ca) - entropy_coef * ent, 0.0)
+    if reduction == "none":
+        loss = per
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        denom = valid.sum() if normalizer is None else normalizer
+        loss = per.sum() / denom
+    loss = loss.to(hidden.dtype)
+    if not return_stats:
+        return loss
+    return PolicyLoss(loss, lp.detach(), ent.detach(), valid & (ca < ra))

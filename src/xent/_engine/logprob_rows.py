@@ -20,6 +20,22 @@ so with upstream coefficients ``c_i = ∂L/∂log p_y`` and ``e_i = ∂L/∂H``
 
     ∂L/∂u_j = c [j = y] - p_j (c + e (log p_j + H)).
 
+The clipped policy-gradient loss of a token (PPO/GRPO) with advantage ``A``, ratio
+``r = e^{log p_y - old}`` (``r = 1`` on-policy, where ``old = log p_y`` without gradient) and
+entropy bonus ``β``:
+
+    ℓ = -min(r A, clip(r, 1 - ε_lo, 1 + ε_hi) A) - β H
+
+depends on the logits through ``log p_y`` and ``H`` only. ``∂r/∂log p_y = r``, and the clipped
+term is constant in ``log p_y`` where it is the smaller (strictly) one, so
+
+    ∂ℓ/∂log p_y = -A r [r A ≤ clip(r) A],        ∂ℓ/∂H = -β,
+
+and the two lines above give ``∂ℓ/∂u_j = a [j = y] - p_j (a + b (log p_j + H))`` with
+``a = -A r [not clipped]`` and ``b = -β`` (as ``∂H/∂u_j = -p_j (u_j - Σ_k p_k u_k)``). Both
+coefficients are known once the row's statistics are, so a scalar loss's gradient is formed in
+the same call that computes the loss.
+
 Divergences between the student's ``p = softmax(u)`` and the teacher's ``q = softmax(v)``, with
 the mixture ``m = (1 - β) p + β q`` and ``0·log 0 = 0``:
 
@@ -38,7 +54,7 @@ import math
 
 import torch
 
-from xent._engine.options import DivergenceParams, LogProbParams, Transform
+from xent._engine.options import DivergenceParams, LogProbParams, PolicyParams, Transform
 from xent._numerics import compute_dtype, host_reads_cheap
 
 # Bytes of fp32 per scratch buffer when the caller gives no block size. Each block costs ~8 torch
@@ -317,6 +333,70 @@ def log_prob_grad_rows(
             g.masked_fill_(~ok[:, None], 0.0)
         if not direct:
             grad_out[start:stop].copy_(g)
+
+
+# --------------------------------------------------------------------------------------------
+# The clipped policy-gradient loss
+# --------------------------------------------------------------------------------------------
+
+
+def policy_terms(
+    lp: torch.Tensor,
+    ent: torch.Tensor | None,
+    valid: torch.Tensor,
+    advantages: torch.Tensor,
+    old_log_probs: torch.Tensor | None,
+    params: PolicyParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ℓ, ∂ℓ/∂log p, clipped)`` per token from its log-probability and entropy.
+
+    ``r = e^{log p - old}`` (1 on-policy), ``ℓ = -min(r A, clip(r) A) - β H``; the clipped term
+    wins (``clipped``, and no gradient through ``log p``) only where it is strictly smaller, so
+    ``∂ℓ/∂log p = -A r [not clipped]``. All three are 0 on ignored tokens.
+    """
+    a = advantages.to(lp.dtype)
+    if params.off_policy:
+        r = torch.exp(lp - old_log_probs.to(lp.dtype))
+    else:
+        r = torch.ones_like(lp)
+    ra = r * a
+    ca = r.clamp(1.0 - params.clip_low, 1.0 + params.clip_high) * a
+    clipped = valid & (ca < ra)
+    loss = -torch.where(clipped, ca, ra)
+    if params.entropy_coef != 0.0:
+        loss = loss - params.entropy_coef * ent
+    loss = torch.where(valid, loss, 0.0)
+    return loss, torch.where(valid & ~clipped, -ra, 0.0), clipped.to(lp.dtype)
+
+
+def policy_rows(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    inv_temp: torch.Tensor | float,
+    params: PolicyParams,
+    advantages: torch.Tensor,
+    old_log_probs: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ℓ, log p_y, H, clipped)`` per row (``(n)``, compute dtype; H is 0 unless
+    ``params.log_probs.entropy``), and with ``grad_out`` also ``Σ_i c_i ∂ℓ_i/∂x`` written there.
+
+    The loss of a token depends on the logits only through ``log p_y`` and ``H``, so its
+    gradient is the log-probability kernel's with the coefficients known once the row's
+    statistics are: ``∂L/∂log p_y = c_i·(-A r [not clipped])`` and ``∂L/∂H = -c_i β``
+    (:func:`policy_terms`), and :func:`log_prob_grad_rows` turns them into
+    ``∂L/∂u_j = a [j = y] - p_j (a + b (log p_j + H))`` and the transform's chain rule. ``coef``
+    (``c``, 0 on ignored rows) is required with ``grad_out``; ``grad_out`` may be ``x`` itself.
+    """
+    lpp = params.log_probs
+    lp, ent, _, lse = log_prob_rows(x, target, inv_temp, lpp)
+    valid = target != lpp.ignore_index
+    loss, dlp, clipped = policy_terms(lp, ent, valid, advantages, old_log_probs, params)
+    if grad_out is not None:
+        c_ent = None if params.entropy_coef == 0.0 else coef * -params.entropy_coef
+        log_prob_grad_rows(x, target, inv_temp, lpp, lse, ent, coef * dlp, c_ent, grad_out)
+    return loss, lp, torch.zeros_like(lp) if ent is None else ent, clipped
 
 
 def log_prob_rows_parallel(

@@ -80,6 +80,20 @@ class LogProbParams:
 
 
 @dataclass(frozen=True)
+class PolicyParams:
+    """Options of one clipped policy-gradient loss: its log-probability options (``entropy``
+    True when the entropy is in the loss or asked for), the ratio's clip range
+    ``[1 - clip_low, 1 + clip_high]``, the entropy bonus and whether the loss is off-policy
+    (old log-probabilities given; else ``r = 1``)."""
+
+    log_probs: LogProbParams = LogProbParams()
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    entropy_coef: float = 0.0
+    off_policy: bool = False
+
+
+@dataclass(frozen=True)
 class DivergenceParams:
     """Options of one divergence call: each model's transform and the mixture weight β."""
 

@@ -11,6 +11,9 @@ transform and the algebra are derived in :mod:`xent._engine.logprob_rows`.
   (``w ← e^{m_old - m_new} (w + (m_old - m_new) s) + Σ …``) and the first arg-max; then
   ``log p_y = (u_y - m) - log s`` (≤ 0: ``u_y ≤ m`` and ``s ≥ 1``) and ``H = log s - w / s``.
   Backward: one pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x``.
+* The clipped policy-gradient loss: the log-probabilities' pass, the token's coefficients
+  (``c = -A r [not clipped]`` times the reduction's weight, ``e = -β`` times it) in registers,
+  then backward's pass, in one program: the gradient is formed with the loss.
 * Divergences: a pass for both models' log-sum-exps, a pass for the loss (and, for the forward
   KL, the gradient ``c (p - q)``), and for ``β > 0`` a third for the gradient, which needs the
   row's ``KL(p ‖ m)`` (or ``KL(p ‖ q)``) first.
@@ -26,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xent._engine.options import DivergenceParams, LogProbParams
+from xent._engine.options import DivergenceParams, LogProbParams, PolicyParams
 
 # Columns per block (the whole row up to this size) and the warps to run it: the cross-entropy
 # kernel's table (4096 fp32 columns stay in registers across 8 warps on Hopper-class GPUs).
@@ -60,6 +63,60 @@ def _chain(g, t, scale, inv_t, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, HAS_ENT: tl.constexpr,
+               HAS_TOP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One pass over a row: ``(shift, s, w, best)``, the online statistics of the module
+    docstring (``w`` and ``best`` only when asked for)."""
+    m = tl.full((), float("-inf"), ACC)
+    shift = tl.zeros((), ACC)  # m, or 0 while every logit so far is -inf
+    s = tl.zeros((), ACC)
+    w = tl.zeros((), ACC)
+    best = tl.zeros((), tl.int64)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        u, _t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
+                           HAS_CAP)  # fmt: skip
+        u = tl.where(mask, u, float("-inf"))  # lanes past the row end take no part
+        block_max = tl.max(u, axis=0)
+        if HAS_TOP:
+            # Strictly greater: of tied maxima the earliest stays the arg-max.
+            best = tl.where(block_max > m, start + tl.argmax(u, axis=0).to(tl.int64), best)
+        m_new = tl.maximum(m, block_max)
+        new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(shift - new_shift)
+        d = u - new_shift
+        e = tl.exp(d)
+        if HAS_ENT:
+            # w = Σ e (u - shift), moved to the new shift; e = 0 lanes add 0 (never 0·-inf).
+            w = alpha * (w + (shift - new_shift) * s) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m, shift = m_new, new_shift
+    return shift, s, w, best
+
+
+@triton.jit
+def _row_grad(x_row, g_row, V, y, valid, lse, c, ce, h, scale, cap, inv_t, HAS_CAP: tl.constexpr,
+              HAS_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x`` over a row."""
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        u, t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
+                          HAS_CAP)  # fmt: skip
+        log_p = u - lse
+        p = tl.exp(log_p)
+        # p_j = 0 lanes add 0 (never 0·-inf).
+        a = c
+        if HAS_ENT:
+            a = c + ce * (tl.where(p > 0, log_p, 0.0) + h)
+        g = tl.where(cols == y, c, 0.0) - p * a
+        g = _chain(g, t, scale, inv_t, HAS_CAP)
+        g = tl.where(valid, g, 0.0)  # ignored rows: exactly 0, whatever their logits
+        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     X,
     stride_x,
@@ -89,32 +146,8 @@ def _logprob_fwd_kernel(
     y = tl.load(T + row).to(tl.int64)
     valid = y != ignore_index
     y_safe = tl.where(valid, y, 0)
-
-    m = tl.full((), float("-inf"), ACC)
-    shift = tl.zeros((), ACC)  # m, or 0 while every logit so far is -inf
-    s = tl.zeros((), ACC)
-    w = tl.zeros((), ACC)
-    best = tl.zeros((), tl.int64)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < V
-        u, _t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
-                           HAS_CAP)  # fmt: skip
-        u = tl.where(mask, u, float("-inf"))  # lanes past the row end take no part
-        block_max = tl.max(u, axis=0)
-        if HAS_TOP:
-            # Strictly greater: of tied maxima the earliest stays the arg-max.
-            best = tl.where(block_max > m, start + tl.argmax(u, axis=0).to(tl.int64), best)
-        m_new = tl.maximum(m, block_max)
-        new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(shift - new_shift)
-        d = u - new_shift
-        e = tl.exp(d)
-        if HAS_ENT:
-            # w = Σ e (u - shift), moved to the new shift; e = 0 lanes add 0 (never 0·-inf).
-            w = alpha * (w + (shift - new_shift) * s) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m, shift = m_new, new_shift
+    shift, s, w, best = _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP, HAS_ENT, HAS_TOP, ACC,
+                                   BLOCK)  # fmt: skip
     log_s = tl.log(s)  # ≥ 0: the max term is exactly 1
     u_y, _t = _transform(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
     tl.store(LP + row, tl.where(valid, (u_y - shift) - log_s, 0.0))
@@ -153,30 +186,88 @@ def _logprob_bwd_kernel(
     inv_t = tl.load(OPTS + 2).to(ACC)
     if HAS_ROW_TEMP:
         inv_t = tl.load(INV_T + row).to(ACC)
-    x_row = X + row * stride_x
-    g_row = G + row * stride_g
     y = tl.load(T + row).to(tl.int64)
-    valid = y != ignore_index
     lse = tl.load(LSE + row).to(ACC)
     c = tl.load(C_LP + row).to(ACC)
+    ce = tl.zeros((), ACC)
+    h = tl.zeros((), ACC)
     if HAS_ENT:
         ce = tl.load(C_ENT + row).to(ACC)
         h = tl.load(ENT + row).to(ACC)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < V
-        u, t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
-                          HAS_CAP)  # fmt: skip
-        log_p = u - lse
-        p = tl.exp(log_p)
-        # ∂/∂u_j = c [j = y] - p_j (c + e (log p_j + H)); p_j = 0 lanes add 0 (never 0·-inf).
-        a = c
-        if HAS_ENT:
-            a = c + ce * (tl.where(p > 0, log_p, 0.0) + h)
-        g = tl.where(cols == y, c, 0.0) - p * a
-        g = _chain(g, t, scale, inv_t, HAS_CAP)
-        g = tl.where(valid, g, 0.0)  # ignored rows: exactly 0, whatever their logits
-        tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+    _row_grad(X + row * stride_x, G + row * stride_g, V, y, y != ignore_index, lse, c, ce, h,
+              scale, cap, inv_t, HAS_CAP, HAS_ENT, ACC, BLOCK)  # fmt: skip
+
+
+@triton.jit
+def _policy_kernel(
+    X,
+    stride_x,
+    T,
+    INV_T,
+    OPTS,
+    ADV,
+    OLD,
+    COEF,
+    LOSS,
+    LP,
+    ENT,
+    CLIP,
+    G,
+    stride_g,
+    V,
+    ignore_index,
+    HAS_ROW_TEMP: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    HAS_ENT: tl.constexpr,
+    ENT_IN_LOSS: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The clipped policy-gradient loss of one row, and with ``HAS_GRAD`` its gradient: the
+    statistics pass, the token's coefficients (``logprob_rows.policy_terms``), the gradient
+    pass. ``OPTS``: scale, cap, 1/T, 1 - clip_low, 1 + clip_high, entropy coefficient."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(OPTS).to(ACC)
+    cap = tl.load(OPTS + 1).to(ACC)
+    inv_t = tl.load(OPTS + 2).to(ACC)
+    lo = tl.load(OPTS + 3).to(ACC)
+    hi = tl.load(OPTS + 4).to(ACC)
+    beta = tl.load(OPTS + 5).to(ACC)
+    if HAS_ROW_TEMP:
+        inv_t = tl.load(INV_T + row).to(ACC)
+    x_row = X + row * stride_x
+    y = tl.load(T + row).to(tl.int64)
+    valid = y != ignore_index
+    y_safe = tl.where(valid, y, 0)
+    shift, s, w, _best = _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP, HAS_ENT, False, ACC,
+                                    BLOCK)  # fmt: skip
+    log_s = tl.log(s)
+    u_y, _t = _transform(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
+    lp = tl.where(valid, (u_y - shift) - log_s, 0.0)
+    h = tl.zeros((), ACC)
+    if HAS_ENT:
+        h = tl.where(valid, tl.maximum(log_s - w / s, 0.0), 0.0)
+    a = tl.load(ADV + row).to(ACC)
+    r = tl.full((), 1.0, ACC)
+    if HAS_OLD:
+        r = tl.exp(lp - tl.load(OLD + row).to(ACC))
+    ra = r * a
+    ca = tl.minimum(tl.maximum(r, lo), hi) * a
+    clipped = valid & (ca < ra)
+    loss = -tl.where(clipped, ca, ra)
+    if ENT_IN_LOSS:
+        loss = loss - beta * h
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    tl.store(LP + row, lp)
+    tl.store(ENT + row, h)
+    tl.store(CLIP + row, tl.where(clipped, 1.0, 0.0))
+    if HAS_GRAD:
+        c = tl.load(COEF + row).to(ACC)
+        c_lp = tl.where(valid & (ca >= ra), -ra * c, 0.0)
+        _row_grad(x_row, G + row * stride_g, V, y, valid, shift + log_s, c_lp, -beta * c, h,
+                  scale, cap, inv_t, HAS_CAP, ENT_IN_LOSS, ACC, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -492,3 +583,59 @@ def divergence_rows(
     if grad_out is not None and g is not grad_out:
         grad_out.copy_(g)
     return loss
+
+
+def policy_rows(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    inv_temp: torch.Tensor | float,
+    params: PolicyParams,
+    advantages: torch.Tensor,
+    old_log_probs: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`xent._engine.logprob_rows.policy_rows` on Triton: one program per row reads it
+    twice, for its statistics and (with ``grad_out``) for its gradient."""
+    n, vocab = x.shape
+    acc, tl_acc = _acc(x)
+    x = _dense(x)
+    lpp = params.log_probs
+    tf = lpp.transform
+    loss, lp, ent, clipped = (torch.empty(n, dtype=acc, device=x.device) for _ in range(4))
+    g = None if grad_out is None else _dense(grad_out)
+    inv_t, row_t = _temperature(inv_temp, acc)
+    if n > 0:
+        block, warps = _block_and_warps(vocab)
+        values = [tf.scale, tf.softcap or 1.0, inv_t, 1.0 - params.clip_low]
+        values += [1.0 + params.clip_high, params.entropy_coef]
+        _policy_kernel[(n,)](
+            x,
+            x.stride(0),
+            target.contiguous(),
+            row_t,
+            _options(values, acc, x.device),
+            advantages.to(acc).contiguous(),
+            None if old_log_probs is None else old_log_probs.to(acc).contiguous(),
+            None if coef is None else coef.to(acc).contiguous(),
+            loss,
+            lp,
+            ent,
+            clipped,
+            g,
+            0 if g is None else g.stride(0),
+            vocab,
+            lpp.ignore_index,
+            HAS_ROW_TEMP=row_t is not None,
+            HAS_CAP=tf.softcap is not None,
+            HAS_ENT=lpp.entropy,
+            ENT_IN_LOSS=params.entropy_coef != 0.0,
+            HAS_OLD=params.off_policy,
+            HAS_GRAD=g is not None,
+            ACC=tl_acc,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    if g is not None and g is not grad_out:
+        grad_out.copy_(g)
+    return loss, lp, ent, clipped

@@ -200,8 +200,12 @@ def _head_inputs(cfg: Config, gen: torch.Generator, h: int) -> tuple[torch.Tenso
 
 
 def _logprobs_case(cfg: Config) -> Case:
-    """A GRPO-style step: per-token log-probabilities and entropies of a sampled completion,
-    the policy-gradient loss ``-mean(A·log p) - 0.01·mean(H)`` (entropy in the loss)."""
+    """A GRPO-style on-policy step: per-token log-probabilities and entropies of a sampled
+    completion in the loss ``-mean(r·A) - 0.01·mean(H)``, ``r = exp(log p - log p.detach())``
+    (1 in value; its gradient is ``A ∂log p``), the mean over the tokens that count.
+
+    ``xent`` is the fused :func:`xent.linear_policy_loss` (gradients formed in the forward
+    pass); ``xent log_probs`` computes the loss from :func:`xent.linear_log_probs`'s outputs."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x, w = _head_inputs(cfg, gen, cfg.h)
     x.requires_grad_(True)
@@ -210,9 +214,11 @@ def _logprobs_case(cfg: Config) -> Case:
     adv = torch.randn(cfg.n, generator=gen).to(cfg.device)
     mask = (target != -100).float()
     count = mask.sum().clamp(min=1)
+    beta = 0.01
 
     def loss(lp, ent):
-        return -(adv * lp * mask).sum() / count - 0.01 * (ent * mask).sum() / count
+        ratio = torch.exp(lp - lp.detach())
+        return -(adv * ratio * mask).sum() / count - beta * (ent * mask).sum() / count
 
     def eager(inp):
         log_p = F.log_softmax(F.linear(inp["x"], inp["w"]).float(), dim=-1)
@@ -220,6 +226,9 @@ def _logprobs_case(cfg: Config) -> Case:
         return loss(lp, -(log_p.exp() * log_p).sum(-1))
 
     def ours(inp):
+        return xent.linear_policy_loss(inp["x"], inp["w"], inp["target"], adv, entropy_coef=beta)
+
+    def ours_log_probs(inp):
         out = xent.linear_log_probs(inp["x"], inp["w"], inp["target"], return_entropy=True)
         return loss(out.log_probs, out.entropy)
 
@@ -233,12 +242,14 @@ def _logprobs_case(cfg: Config) -> Case:
 
     variants = {
         "xent": ours,
+        "xent log_probs": ours_log_probs,
         "torch": eager,
         "torch.compile": lambda inp: _compiled(eager)(inp),
         "trl": trl,
     }
-    # Forward logits, and backward's recomputed logits, ∂input and ∂weight.
-    flops = 8 * int(mask.sum()) * cfg.h * cfg.c
+    # The fused loss: forward logits, ∂input and ∂weight, all in the forward pass (the
+    # log_probs variant and TRL form the logits again in backward: 8·N·H·V).
+    flops = 6 * int(mask.sum()) * cfg.h * cfg.c
     moved = 2 * (x.numel() + w.numel()) * x.element_size()
     return Case({"x": x, "w": w, "target": target}, variants, ["x", "w"], moved, flops)
 
@@ -536,14 +547,14 @@ _TRL = ["trl"] if importlib.util.find_spec("trl") is not None else []
 DEFAULT_VARIANTS = {
     "ce": ["xent", "torch", "torch.compile"],
     "lce": ["xent", "torch", "torch.compile", "torch.chunked"],
-    "logprobs": ["xent", "torch", "torch.compile", *_TRL],
+    "logprobs": ["xent", "xent log_probs", "torch", "torch.compile", *_TRL],
     "distill": ["xent", "torch", "torch.compile", *_TRL],
 }
 # On CUDA the peers that only run there join, and xent's torch kernel is shown beside Triton's.
 CUDA_VARIANTS = {
     "ce": ["xent", "xent[torch]", "torch", "torch.compile", "liger"],
     "lce": ["xent", "torch", "torch.compile", "torch.chunked", "liger", "cce"],
-    "logprobs": ["xent", "torch", "torch.compile", *_TRL],
+    "logprobs": ["xent", "xent log_probs", "torch", "torch.compile", *_TRL],
     "distill": ["xent", "torch", "torch.compile", *_TRL],
 }
 
