@@ -66,7 +66,7 @@ def stable_max(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = True
     empty, so their sum of exponentials is 0 and their log-sum-exp ``-inf``, as in PyTorch.
     """
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    if any(x.shape[d] == 0 for d in dims):
+    if x.dim() > 0 and any(x.shape[d] == 0 for d in dims):  # a 0-d tensor has no size-0 dim
         m = torch.zeros_like(x.detach()).sum(dim=dims, keepdim=keepdim)
         return m
     m = x.detach().amax(dim=dims, keepdim=keepdim)
