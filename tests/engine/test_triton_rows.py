@@ -516,7 +516,7 @@ def test_backward_scales_on_the_device(monkeypatch):
             torch.autograd.grad(ours, (h, w)), torch.autograd.grad(ref, (h, w)), strict=True
         ):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    assert len(calls) == 2 * (2 + 3)  # ∂x, ∂q (None) of CE; ∂h, ∂w, ∂b (None) of LCE
+    assert len(calls) == 2 * (2 + 4)  # ∂x, ∂q (None) of CE; ∂h, ∂w, ∂b, ∂q (None) of LCE
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3])
