@@ -377,3 +377,42 @@ def test_fp32_out_products_are_well_formed(monkeypatch, fp32_accumulate):
     acc = meta(9000, 5000, dtype=torch.float32)  # several fallback row blocks
     res = walker.mm_fp32(meta(5000, 9000).t(), meta(5000, 5000), acc, accumulate=True)
     assert res is acc and res.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_differentiate_class_weights(reduction):
+    """With probability targets the class weights receive ``Σ_i g_i c_i q'_iv (lse_i − z_iv)``,
+    as PyTorch's composition gives, chunk by chunk (K-dimensional weight, soft-cap, smoothing and
+    token weights included); class-index targets still refuse them."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(5, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    q = torch.rand(7, 5, 2, generator=gen, dtype=torch.float64).softmax(1)
+    cw = torch.rand(5, generator=gen, dtype=torch.float64).requires_grad_()
+    tw = torch.rand(7, 2, generator=gen, dtype=torch.float64)
+    cap, eps = 2.0, 0.1
+    loss = xent.linear_cross_entropy(
+        x,
+        w,
+        q,
+        linear_bias=b,
+        weight=cw,
+        reduction=reduction,
+        label_smoothing=eps,
+        softcap=cap,
+        token_weight=tw,
+        chunk_size=3,
+    )
+    z = cap * torch.tanh((torch.einsum("nh,vph->nvp", x, w) + b) / cap)
+    qs = (1 - eps) * q + eps / 5
+    rows = -(cw[:, None] * qs * z.log_softmax(1)).sum(1) * tw
+    ref = {"mean": rows.sum() / rows.numel(), "sum": rows.sum(), "none": rows}[reduction]
+    torch.testing.assert_close(loss, ref)
+    cot = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(loss, [x, w, b, cw], cot)
+    want = torch.autograd.grad(ref, [x, w, b, cw], cot)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        xent.linear_cross_entropy(x, w[:, 0], torch.tensor([0] * 7), weight=cw)
