@@ -416,3 +416,34 @@ def test_probability_targets_differentiate_class_weights(reduction):
         torch.testing.assert_close(g_got, g_want)
     with pytest.raises(RuntimeError, match="not differentiable"):
         xent.linear_cross_entropy(x, w[:, 0], torch.tensor([0] * 7), weight=cw)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probabilities_unbatched_and_without_classes_match_torch(impl, reduction):
+    """An ``(H,)`` input with a ``()`` or ``(V,)`` target, a K-dimensional weight with
+    probabilities, and probabilities over no class (``V = 0``: each loss an empty sum, the
+    "mean" 0/0) give PyTorch's values, shapes and gradients, fused or materialised."""
+    gen = torch.Generator().manual_seed(11)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x1, x, w, w3, w0 = randn(3), randn(5, 3), randn(4, 3), randn(4, 2, 3), randn(0, 3)
+    q1 = torch.rand(4, generator=gen, dtype=torch.float64).softmax(0)
+    q3 = torch.rand(5, 4, 2, generator=gen, dtype=torch.float64).softmax(1)
+    calls = [
+        (x1, w, torch.tensor(2)),
+        (x1, w, q1),
+        (x, w3, q3),
+        (x, w0, torch.zeros(5, 0, dtype=torch.float64)),
+    ]
+    for inp, lw, t in calls:
+        ours = xent.linear_cross_entropy(inp, lw, t, reduction=reduction, impl=impl)
+        theirs = F.linear_cross_entropy(inp, lw, t, reduction=reduction)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        got = torch.autograd.grad(ours.sum(), [inp, lw])
+        want = torch.autograd.grad(theirs.sum(), [inp, lw])
+        for g_got, g_want in zip(got, want, strict=True):
+            torch.testing.assert_close(g_got, g_want)
