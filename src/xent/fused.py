@@ -211,9 +211,7 @@ def linear_cross_entropy(
     # Probability targets differentiate their class weights, as in PyTorch (class indices
     # refuse a weight that requires grad).
     weight_grad = probs and weight is not None and weight.requires_grad and torch.is_grad_enabled()
-    check_class_weight(None if weight_grad else weight, vocab)
-    if weight_grad:
-        check_class_weight(weight.detach(), vocab)
+    check_class_weight(weight.detach() if weight_grad else weight, vocab)
     norm = check_normalizer(normalizer, reduction)
     z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
     hidden = input.shape[-1]
