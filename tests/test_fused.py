@@ -377,3 +377,73 @@ def test_fp32_out_products_are_well_formed(monkeypatch, fp32_accumulate):
     acc = meta(9000, 5000, dtype=torch.float32)  # several fallback row blocks
     res = walker.mm_fp32(meta(5000, 9000).t(), meta(5000, 5000), acc, accumulate=True)
     assert res is acc and res.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_differentiate_class_weights(reduction):
+    """With probability targets the class weights receive ``Σ_i g_i c_i q'_iv (lse_i − z_iv)``,
+    as PyTorch's composition gives, chunk by chunk (K-dimensional weight, soft-cap, smoothing and
+    token weights included); class-index targets still refuse them."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(5, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    q = torch.rand(7, 5, 2, generator=gen, dtype=torch.float64).softmax(1)
+    cw = torch.rand(5, generator=gen, dtype=torch.float64).requires_grad_()
+    tw = torch.rand(7, 2, generator=gen, dtype=torch.float64)
+    cap, eps = 2.0, 0.1
+    loss = xent.linear_cross_entropy(
+        x,
+        w,
+        q,
+        linear_bias=b,
+        weight=cw,
+        reduction=reduction,
+        label_smoothing=eps,
+        softcap=cap,
+        token_weight=tw,
+        chunk_size=3,
+    )
+    z = cap * torch.tanh((torch.einsum("nh,vph->nvp", x, w) + b) / cap)
+    qs = (1 - eps) * q + eps / 5
+    rows = -(cw[:, None] * qs * z.log_softmax(1)).sum(1) * tw
+    ref = {"mean": rows.sum() / rows.numel(), "sum": rows.sum(), "none": rows}[reduction]
+    torch.testing.assert_close(loss, ref)
+    cot = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(loss, [x, w, b, cw], cot)
+    want = torch.autograd.grad(ref, [x, w, b, cw], cot)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        xent.linear_cross_entropy(x, w[:, 0], torch.tensor([0] * 7), weight=cw)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probabilities_unbatched_and_without_classes_match_torch(impl, reduction):
+    """An ``(H,)`` input with a ``()`` or ``(V,)`` target, a K-dimensional weight with
+    probabilities, and probabilities over no class (``V = 0``: each loss an empty sum, the
+    "mean" 0/0) give PyTorch's values, shapes and gradients, fused or materialised."""
+    gen = torch.Generator().manual_seed(11)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x1, x, w, w3, w0 = randn(3), randn(5, 3), randn(4, 3), randn(4, 2, 3), randn(0, 3)
+    q1 = torch.rand(4, generator=gen, dtype=torch.float64).softmax(0)
+    q3 = torch.rand(5, 4, 2, generator=gen, dtype=torch.float64).softmax(1)
+    calls = [
+        (x1, w, torch.tensor(2)),
+        (x1, w, q1),
+        (x, w3, q3),
+        (x, w0, torch.zeros(5, 0, dtype=torch.float64)),
+    ]
+    for inp, lw, t in calls:
+        ours = xent.linear_cross_entropy(inp, lw, t, reduction=reduction, impl=impl)
+        theirs = F.linear_cross_entropy(inp, lw, t, reduction=reduction)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        got = torch.autograd.grad(ours.sum(), [inp, lw])
+        want = torch.autograd.grad(theirs.sum(), [inp, lw])
+        for g_got, g_want in zip(got, want, strict=True):
+            torch.testing.assert_close(g_got, g_want)

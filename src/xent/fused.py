@@ -16,7 +16,12 @@ import torch
 
 from xent._engine import compile as compiled_ops
 from xent._engine import dispatch, parallel, transforms
-from xent._engine.autograd import LinearCrossEntropyFn, LinearCrossEntropySpec, LinearOptions
+from xent._engine.autograd import (
+    LinearClassWeightGradFn,
+    LinearCrossEntropyFn,
+    LinearCrossEntropySpec,
+    LinearOptions,
+)
 from xent._engine.options import CEParams
 from xent._numerics import compute_dtype
 from xent._validation import (
@@ -95,7 +100,9 @@ def linear_cross_entropy(
             ``(..., V, d1, …, dK)`` (floating; they receive a gradient). Probabilities are fed
             to the kernel chunk by chunk, as the logits are.
         linear_bias: optional ``(V, d1, …, dK)``.
-        weight: optional ``(V)`` class weights.
+        weight: optional ``(V)`` class weights; with probability targets they may require
+            grad (as in PyTorch: ``∂L/∂w_v = Σ_i g_i c_i q'_iv (lse(z_i) − z_iv)``, formed chunk
+            by chunk in backward), with class indices they may not.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(..., d1, …, dK)``).
         ignore_index: class-index targets equal to it are dropped before any matrix product
             (except while a CUDA graph is being captured: then they are computed with weight
@@ -201,12 +208,21 @@ def linear_cross_entropy(
             "a vocabulary-sharded linear_weight takes class-index targets and a (V, H) weight"
         )
     vocab = linear_weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab
-    check_class_weight(weight, vocab)
+    # Probability targets differentiate their class weights, as in PyTorch (class indices
+    # refuse a weight that requires grad).
+    weight_grad = probs and weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    check_class_weight(weight.detach() if weight_grad else weight, vocab)
     norm = check_normalizer(normalizer, reduction)
     z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
     hidden = input.shape[-1]
     x = input.reshape(-1, hidden)
     chunk = _chunk_tokens(check_chunk_size(chunk_size), options, x.shape[0], hidden, vocab)
+    if probs and vocab == 0 and vocab_parallel is None:
+        # No class: each token's loss is an empty sum. The (N, 0) logits cost nothing, and
+        # cross_entropy decides the reductions on them ("mean" is 0/0, as in PyTorch). The
+        # class weights are empty: so is their gradient.
+        kernel = "reference"
+        weight = None if weight is None else weight.detach()
     if kernel == "reference":
         if vocab_parallel is not None:
             raise ValueError("impl='reference' takes a whole (not vocabulary-sharded) weight")
@@ -250,9 +266,10 @@ def linear_cross_entropy(
     q = None
     flat_target = None
     if probs:
-        q = target.reshape(x.shape[0], vocab, heads) if out_features else target.reshape(-1, vocab)
+        # The token count is given, not -1: with no class (V = 0) the target has no element.
+        q = target.reshape(x.shape[0], vocab, *((heads,) if out_features else ()))
     else:
-        flat_target = target.reshape(x.shape[0], heads) if out_features else target.reshape(-1)
+        flat_target = target.reshape(x.shape[0], *((heads,) if out_features else ()))
         flat_target = flat_target.long()  # int64: no wrap-around against ignore_index
     ce = CEParams(ignore, reduction, eps, z_loss, softcap, impl=kernel)
     if transforms.active():  # torch.func: values are checked inside the transforms
@@ -273,7 +290,7 @@ def linear_cross_entropy(
             norm if tensor_norm else None,
         )
         loss = loss if out_dtype is None else loss.to(out_dtype)
-        return loss.reshape(target.shape) if reduction == "none" else loss
+        return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
     opts = LinearOptions(
         ce,
         flat_target,
@@ -289,9 +306,12 @@ def linear_cross_entropy(
     else:
         with torch.autocast(input.device.type, enabled=False):
             loss = LinearCrossEntropyFn.apply(x, w, b, opts, q)
+    if weight_grad:
+        with torch.autocast(input.device.type, enabled=False):
+            loss = loss + LinearClassWeightGradFn.apply(weight, x, w, b, q, opts)
     if reduction != "none":
         return loss
-    return loss.reshape(*input.shape[:-1], *out_features)
+    return loss.reshape((*input.shape[:-1], *out_features))
 
 
 def _autocast(
@@ -381,7 +401,8 @@ def _reference_logits(
     :func:`xent.cross_entropy` on them."""
     from xent.classification import cross_entropy
 
-    if token_weight is not None or norm is not None:
+    no_class = target.is_floating_point() and linear_weight.shape[0] == 0
+    if (token_weight is not None or norm is not None) and not no_class:
         raise ValueError(
             "impl='reference' takes token_weight and normalizer only with class-index "
             "targets and a (V, H) weight"
@@ -393,19 +414,24 @@ def _reference_logits(
     if linear_bias is not None:
         z = z + linear_bias.reshape(-1).to(cdtype)
     batch = tuple(input.shape[:-1])
-    z = z.reshape(-1, vocab, *out_features)  # batch axes flattened: the class axis is 1
+    z = z.reshape(math.prod(batch), vocab, *out_features)  # batch axes flattened: class axis 1
     probs = target.is_floating_point()
     target = target.reshape(z.shape if probs else (z.shape[0], *out_features))
+    # With no class every token's loss is 0, whatever its token weight; a normalizer divides
+    # their sum.
+    by_norm = no_class and norm is not None and reduction == "mean"
     loss = cross_entropy(
         z,
         target if probs else target.long(),
         weight,
-        ignore,
-        reduction,
-        eps,
+        ignore_index=ignore,
+        reduction="sum" if by_norm else reduction,
+        label_smoothing=eps,
         z_loss=z_loss,
         softcap=softcap,
     )
+    if by_norm:
+        loss = loss / (norm.reshape(()) if isinstance(norm, torch.Tensor) else norm)
     if reduction == "none":
-        loss = loss.reshape(*batch, *out_features)
+        loss = loss.reshape((*batch, *out_features))
     return loss.to(out_dtype or input.dtype)

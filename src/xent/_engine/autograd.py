@@ -19,7 +19,7 @@ import torch
 from xent._engine import dispatch, policy
 from xent._engine.options import CEParams
 from xent._engine.rows import CrossEntropyRows
-from xent._engine.walker import linear_walk
+from xent._engine.walker import linear_walk, tokens_per_chunk
 from xent._numerics import (
     compute_dtype,
     empty_buffer,
@@ -608,6 +608,61 @@ class LinearCrossEntropyFn(torch.autograd.Function):
             dispatch.scale_unless_one_(grads, g, opts.ce.impl)
         grad_x, grad_w, grad_b, grad_q = in_dtypes_of(grads, (x, w, b, q))
         return grad_x, grad_w, grad_b, None, grad_q
+
+
+class LinearClassWeightGradFn(torch.autograd.Function):
+    """The class weights' gradient of linear cross-entropy with probability targets.
+
+    The loss is linear in the class weights ``w``: with ``q' = (1-ε) q + ε/V`` and ``c_i`` the
+    pairs' row coefficients (token weight, ``/ D`` for ``"mean"``; ``D`` does not depend on
+    ``w`` for probabilities), ``l_i = c_i Σ_v w_v q'_iv (lse(z_i) − z_iv) + (terms free of
+    w)``, so
+
+    .. math:: ∂L/∂w_v = Σ_i g_i c_i q'_iv (\\operatorname{lse}(z_i) − z_iv).
+
+    The forward returns zeros of the loss's shape (added to the loss, it changes nothing);
+    backward forms that sum chunk by chunk from recomputed logits (never all ``N × V`` at
+    once) and gives no gradient to the other inputs, whose gradients the fused Function
+    already carries. Tensors: ``x (N, H)``, ``w (V, H)`` or ``(V, P, H)``, ``b``, ``q (N, V)``
+    or ``(N, V, P)``.
+    """
+
+    @staticmethod
+    def forward(ctx, class_weight, x, w, b, q, opts: LinearOptions):
+        ctx.opts = opts
+        ctx.save_for_backward(class_weight, x, w, b, q)
+        heads = _heads(w)
+        shape = () if opts.ce.reduction != "none" else (x.shape[0] * heads,)
+        return x.new_zeros(shape, dtype=opts.out_dtype or x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        policy.refuse_double_backward("linear_cross_entropy")
+        class_weight, x, w, b, q = ctx.saved_tensors
+        opts: LinearOptions = ctx.opts
+        ce = opts.ce
+        cdtype = compute_dtype(x.dtype)
+        vocab, heads, num_tokens = w.shape[0], _heads(w), x.shape[0]
+        _, coef, _ = linear_ce_coefficients(opts, q, num_tokens * heads, cdtype)
+        g = coef * grad_out.to(cdtype).reshape(-1)  # (N·P), n-major
+        w3 = w.reshape(vocab * heads, x.shape[1]).to(cdtype)
+        b3 = None if b is None else b.reshape(vocab, heads).to(cdtype)
+        grad = torch.zeros(vocab, dtype=cdtype, device=x.device)
+        step = opts.chunk_tokens or tokens_per_chunk(vocab * heads, x.device, 4)
+        for start in range(0, num_tokens, step):
+            stop = min(start + step, num_tokens)
+            z = (x[start:stop].to(cdtype) @ w3.t()).reshape(-1, vocab, heads)
+            if b3 is not None:
+                z = z + b3
+            if ce.softcap is not None:
+                z = ce.softcap * torch.tanh(z / ce.softcap)
+            neg_logp = torch.logsumexp(z, dim=1, keepdim=True) - z
+            qs = q[start:stop].reshape(-1, vocab, heads).to(cdtype)
+            if ce.label_smoothing > 0.0:
+                qs = (1.0 - ce.label_smoothing) * qs + ce.label_smoothing / vocab
+            gs = g[start * heads : stop * heads].reshape(-1, 1, heads)
+            grad += (gs * qs * neg_logp).sum(dim=(0, 2))
+        return grad.to(class_weight.dtype), None, None, None, None, None
 
 
 @dataclass(frozen=True)
