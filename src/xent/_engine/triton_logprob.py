@@ -96,15 +96,17 @@ def _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, HAS_ENT: tl.c
 
 
 @triton.jit
-def _row_grad(x_row, g_row, V, y, valid, lse, c, ce, h, scale, cap, inv_t, HAS_CAP: tl.constexpr,
-              HAS_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x`` over a row."""
+def _row_grad(x_row, g_row, V, y, valid, shift, log_s, c, ce, h, scale, cap, inv_t,
+              HAS_CAP: tl.constexpr, HAS_ENT: tl.constexpr, ACC: tl.constexpr,
+              BLOCK: tl.constexpr):  # fmt: skip
+    """One pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x`` over a row,
+    from the row's ``(m, log s)``: ``log p = (u - m) - log s``, never ``u - lse``."""
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         u, t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
                           HAS_CAP)  # fmt: skip
-        log_p = u - lse
+        log_p = (u - shift) - log_s
         p = tl.exp(log_p)
         # p_j = 0 lanes add 0 (never 0·-inf).
         a = c
@@ -126,7 +128,8 @@ def _logprob_fwd_kernel(
     LP,
     ENT,
     TOP,
-    LSE,
+    M,
+    LOG_S,
     V,
     ignore_index,
     HAS_ROW_TEMP: tl.constexpr,
@@ -151,7 +154,8 @@ def _logprob_fwd_kernel(
     log_s = tl.log(s)  # ≥ 0: the max term is exactly 1
     u_y, _t = _transform(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
     tl.store(LP + row, tl.where(valid, (u_y - shift) - log_s, 0.0))
-    tl.store(LSE + row, shift + log_s)
+    tl.store(M + row, shift)
+    tl.store(LOG_S + row, log_s)
     if HAS_ENT:
         h = tl.maximum(log_s - w / s, 0.0)  # a rounding below 0 is clamped (H ≥ 0 exactly)
         tl.store(ENT + row, tl.where(valid, h, 0.0))
@@ -166,7 +170,8 @@ def _logprob_bwd_kernel(
     T,
     INV_T,
     OPTS,
-    LSE,
+    M,
+    LOG_S,
     ENT,
     C_LP,
     C_ENT,
@@ -187,14 +192,15 @@ def _logprob_bwd_kernel(
     if HAS_ROW_TEMP:
         inv_t = tl.load(INV_T + row).to(ACC)
     y = tl.load(T + row).to(tl.int64)
-    lse = tl.load(LSE + row).to(ACC)
+    shift = tl.load(M + row).to(ACC)
+    log_s = tl.load(LOG_S + row).to(ACC)
     c = tl.load(C_LP + row).to(ACC)
     ce = tl.zeros((), ACC)
     h = tl.zeros((), ACC)
     if HAS_ENT:
         ce = tl.load(C_ENT + row).to(ACC)
         h = tl.load(ENT + row).to(ACC)
-    _row_grad(X + row * stride_x, G + row * stride_g, V, y, y != ignore_index, lse, c, ce, h,
+    _row_grad(X + row * stride_x, G + row * stride_g, V, y, y != ignore_index, shift, log_s, c, ce, h,
               scale, cap, inv_t, HAS_CAP, HAS_ENT, ACC, BLOCK)  # fmt: skip
 
 
@@ -266,7 +272,7 @@ def _policy_kernel(
     if HAS_GRAD:
         c = tl.load(COEF + row).to(ACC)
         c_lp = tl.where(valid & (ca >= ra), -ra * c, 0.0)
-        _row_grad(x_row, G + row * stride_g, V, y, valid, shift + log_s, c_lp, -beta * c, h,
+        _row_grad(x_row, G + row * stride_g, V, y, valid, shift, log_s, c_lp, -beta * c, h,
                   scale, cap, inv_t, HAS_CAP, ENT_IN_LOSS, ACC, BLOCK)  # fmt: skip
 
 
@@ -453,14 +459,17 @@ def log_prob_rows(
     target: torch.Tensor,
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor
+]:
     """:func:`xent._engine.logprob_rows.log_prob_rows` on Triton: same arguments, same results."""
     n, vocab = x.shape
     acc, tl_acc = _acc(x)
     x = _dense(x)
     tf = params.transform
     lp = torch.empty(n, dtype=acc, device=x.device)
-    lse = torch.empty(n, dtype=acc, device=x.device)
+    m = torch.empty(n, dtype=acc, device=x.device)
+    log_s = torch.empty(n, dtype=acc, device=x.device)
     ent = torch.empty(n, dtype=acc, device=x.device) if params.entropy else None
     top = torch.empty(n, dtype=acc, device=x.device) if params.top1 else None
     inv_t, row_t = _temperature(inv_temp, acc)
@@ -475,7 +484,8 @@ def log_prob_rows(
             lp,
             ent,
             top,
-            lse,
+            m,
+            log_s,
             vocab,
             params.ignore_index,
             HAS_ROW_TEMP=row_t is not None,
@@ -486,7 +496,7 @@ def log_prob_rows(
             BLOCK=block,
             num_warps=warps,
         )
-    return lp, ent, top, lse
+    return lp, ent, top, m, log_s
 
 
 def log_prob_grad_rows(
@@ -494,7 +504,8 @@ def log_prob_grad_rows(
     target: torch.Tensor,
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
-    lse: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
     ent: torch.Tensor | None,
     coef_lp: torch.Tensor,
     coef_ent: torch.Tensor | None,
@@ -515,7 +526,8 @@ def log_prob_grad_rows(
             target.contiguous(),
             row_t,
             _options([tf.scale, tf.softcap or 1.0, inv_t], acc, x.device),
-            lse.contiguous(),
+            m.to(acc).contiguous(),
+            log_s.to(acc).contiguous(),
             None if coef_ent is None else ent.contiguous(),
             coef_lp.to(acc).contiguous(),
             None if coef_ent is None else coef_ent.to(acc).contiguous(),
