@@ -212,7 +212,8 @@ class _LPOpts:
 class _LogProbs(torch.autograd.Function):
     """``(M, V)`` logits → ``(M)`` log-probabilities, entropy and top-1; only the logits are
     differentiable. Backward runs one pass over the logits from the saved row max, ``log s``
-    and entropy (``log p = (u - m) - log s``, never ``u - lse``); the entropy's part of it only when the entropy's gradient is not None."""
+    and entropy (``log p = (u - m) - log s``, never ``u - lse``); the entropy's part of it only
+    when the entropy's gradient is not None."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, opts: _LPOpts):

@@ -10,6 +10,9 @@ transform and the algebra are derived in :mod:`xent._engine.logprob_rows`.
   m_new} + Σ e^{u - m_new}``), the entropy's ``w = Σ e^{u - m} (u - m)`` moved to each new max
   (``w ← e^{m_old - m_new} (w + (m_old - m_new) s) + Σ …``) and the first arg-max; then
   ``log p_y = (u_y - m) - log s`` (≤ 0: ``u_y ≤ m`` and ``s ≥ 1``) and ``H = log s - w / s``.
+  Without a cap the shift is taken on the raw logits (``u - max u = (x - max x)·a/T``), and
+  ``(m, log s)`` are kept apart, never as ``lse``: no step subtracts two numbers of the
+  logits' size.
   Backward: one pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x``.
 * The clipped policy-gradient loss: the log-probabilities' pass, the token's coefficients
   (``c = -A r [not clipped]`` times the reduction's weight, ``e = -β`` times it) in registers,
@@ -55,6 +58,18 @@ def _transform(x, scale, cap, inv_t, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
+def _shiftable(x, scale, cap, inv_t, HAS_CAP: tl.constexpr):
+    """``(v, f, tanh)``: the value whose row max is the shift ``m``, and the factor with
+    ``u - max u = (v - m)·f``. Through a cap ``v = u`` (``f = 1``); without one the raw logit
+    ``x`` itself (``u = f·x``, ``f = scale·inv_t > 0``), so that ``x - m`` is formed before any
+    rounding of ``f·x``: exact near the max and 0 at it, whatever the logits' size."""
+    if HAS_CAP:
+        t = _tanh(x * scale / cap)
+        return cap * t * inv_t, 1.0, t
+    return x, scale * inv_t, x
+
+
+@triton.jit
 def _chain(g, t, scale, inv_t, HAS_CAP: tl.constexpr):
     """``g·∂u/∂x``: ``× scale·inv_t``, and ``× (1 - tanh²)`` through the cap."""
     if HAS_CAP:
@@ -66,7 +81,8 @@ def _chain(g, t, scale, inv_t, HAS_CAP: tl.constexpr):
 def _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, HAS_ENT: tl.constexpr,
                HAS_TOP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One pass over a row: ``(shift, s, w, best)``, the online statistics of the module
-    docstring (``w`` and ``best`` only when asked for)."""
+    docstring (``w`` and ``best`` only when asked for); ``shift`` is the max of
+    :func:`_shiftable`'s ``v`` and ``s = Σ e^{(v - shift)·f}``."""
     m = tl.full((), float("-inf"), ACC)
     shift = tl.zeros((), ACC)  # m, or 0 while every logit so far is -inf
     s = tl.zeros((), ACC)
@@ -75,21 +91,24 @@ def _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, HAS_ENT: tl.c
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
-        u, _t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
-                           HAS_CAP)  # fmt: skip
-        u = tl.where(mask, u, float("-inf"))  # lanes past the row end take no part
-        block_max = tl.max(u, axis=0)
+        v, f, _t = _shiftable(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap,
+                              inv_t, HAS_CAP)  # fmt: skip
+        v = tl.where(mask, v, float("-inf"))  # lanes past the row end take no part
+        block_max = tl.max(v, axis=0)
         if HAS_TOP:
             # Strictly greater: of tied maxima the earliest stays the arg-max.
-            best = tl.where(block_max > m, start + tl.argmax(u, axis=0).to(tl.int64), best)
+            best = tl.where(block_max > m, start + tl.argmax(v, axis=0).to(tl.int64), best)
         m_new = tl.maximum(m, block_max)
         new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(shift - new_shift)
-        d = u - new_shift
+        moved = (shift - new_shift) * f
+        alpha = tl.exp(moved)
+        d = (v - new_shift) * f
         e = tl.exp(d)
         if HAS_ENT:
-            # w = Σ e (u - shift), moved to the new shift; e = 0 lanes add 0 (never 0·-inf).
-            w = alpha * (w + (shift - new_shift) * s) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+            # w = Σ e (u - max u), moved to the new shift; e = 0 lanes add 0 (never 0·-inf),
+            # and so does the old part once its factor underflows (moved may then be -inf).
+            old = tl.where(alpha > 0, alpha * (w + moved * s), 0.0)
+            w = old + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m, shift = m_new, new_shift
     return shift, s, w, best
@@ -104,9 +123,9 @@ def _row_grad(x_row, g_row, V, y, valid, shift, log_s, c, ce, h, scale, cap, inv
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
-        u, t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
-                          HAS_CAP)  # fmt: skip
-        log_p = (u - shift) - log_s
+        v, f, t = _shiftable(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap,
+                             inv_t, HAS_CAP)  # fmt: skip
+        log_p = (v - shift) * f - log_s
         p = tl.exp(log_p)
         # p_j = 0 lanes add 0 (never 0·-inf).
         a = c
@@ -152,8 +171,8 @@ def _logprob_fwd_kernel(
     shift, s, w, best = _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP, HAS_ENT, HAS_TOP, ACC,
                                    BLOCK)  # fmt: skip
     log_s = tl.log(s)  # ≥ 0: the max term is exactly 1
-    u_y, _t = _transform(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
-    tl.store(LP + row, tl.where(valid, (u_y - shift) - log_s, 0.0))
+    v_y, f, _t = _shiftable(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
+    tl.store(LP + row, tl.where(valid, (v_y - shift) * f - log_s, 0.0))
     tl.store(M + row, shift)
     tl.store(LOG_S + row, log_s)
     if HAS_ENT:
@@ -200,8 +219,8 @@ def _logprob_bwd_kernel(
     if HAS_ENT:
         ce = tl.load(C_ENT + row).to(ACC)
         h = tl.load(ENT + row).to(ACC)
-    _row_grad(X + row * stride_x, G + row * stride_g, V, y, y != ignore_index, shift, log_s, c, ce, h,
-              scale, cap, inv_t, HAS_CAP, HAS_ENT, ACC, BLOCK)  # fmt: skip
+    _row_grad(X + row * stride_x, G + row * stride_g, V, y, y != ignore_index, shift, log_s, c,
+              ce, h, scale, cap, inv_t, HAS_CAP, HAS_ENT, ACC, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -250,8 +269,8 @@ def _policy_kernel(
     shift, s, w, _best = _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP, HAS_ENT, False, ACC,
                                     BLOCK)  # fmt: skip
     log_s = tl.log(s)
-    u_y, _t = _transform(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
-    lp = tl.where(valid, (u_y - shift) - log_s, 0.0)
+    v_y, f, _t = _shiftable(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
+    lp = tl.where(valid, (v_y - shift) * f - log_s, 0.0)
     h = tl.zeros((), ACC)
     if HAS_ENT:
         h = tl.where(valid, tl.maximum(log_s - w / s, 0.0), 0.0)
@@ -459,9 +478,7 @@ def log_prob_rows(
     target: torch.Tensor,
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
-) -> tuple[
-    torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor
-]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`xent._engine.logprob_rows.log_prob_rows` on Triton: same arguments, same results."""
     n, vocab = x.shape
     acc, tl_acc = _acc(x)
