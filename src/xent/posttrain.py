@@ -859,6 +859,73 @@ class _LinearPolicyLoss(torch.autograd.Function):
         return (*in_dtypes_of(tuple(grads), (x, w, b)), None)
 
 
+@dataclass(frozen=True)
+class _LinearPolicySpec:
+    """:func:`linear_policy_loss` under ``torch.func`` transforms (:mod:`xent._engine.transforms`)
+    on ``(x, w, b, target, inv_temp, advantages, old_log_probs, coef, denom)`` (the last two
+    from :func:`xent._numerics.row_coefficients`, formed outside on the possibly batched
+    target, so that each vmapped sample keeps its own mean). Outputs ``(L, log p, H, clipped)``;
+    the per-token statistics carry no derivative, as in the eager path.
+
+    ``vjp``: the walk of :class:`_LinearPolicyLoss` with coefficients ``c_i·ḡ`` (``ḡ`` the
+    output's cotangent, per token for ``"none"``). ``jvp`` in closed form from the same row
+    kernel: it writes ``G_i = c_i ∂ℓ_i/∂z_i = c_i (∂ℓ/∂log p · ∂log p_i/∂z_i - β ∂H_i/∂z_i)``
+    over each chunk's logits, and ``c_i ℓ̇_i = Σ_v G_iv ż_iv`` with ``ż = ẋWᵀ + xẆᵀ + ḃ``
+    (:class:`xent._engine.transforms.HeadTangentRows`); a scalar loss's tangent is their sum.
+    """
+
+    params: PolicyParams
+    reduction: str
+    inv_temp: float | None  # a number; a per-token tensor is t[4]
+    chunk_tokens: int | None = None
+    name = "linear_policy_loss"
+    num_diff = 3
+
+    def opts(self, t, need=(False, False, False)) -> _PolicyOpts:
+        _, _, _, target, inv_t, adv, old, coef, denom = t
+        inv = self.inv_temp if inv_t is None else inv_t
+        return _PolicyOpts(
+            self.params, target, inv, adv, old, self.reduction, coef, denom, need,
+            self.chunk_tokens,
+        )  # fmt: skip
+
+    def row_inputs(self, t):  # (x, w, b, target, inv_temp, advantages, old, coef, denom)
+        if self.reduction != "none":
+            return None
+        return (True, False, False, True, True, True, True, True, False)
+
+    def value(self, t):
+        x = t[0]
+        check_target_range(t[3], t[1].shape[0], self.params.log_probs.ignore_index)
+        _check_inv_temp(t[4])
+        opts = self.opts(t)
+        (loss, lp, ent, clipped), *_ = _policy_walk(*t[:3], opts, None, (False, False, False))
+        out = reduce_rows(loss, self.reduction, opts.denom).to(x.dtype)
+        return out, lp, ent, clipped
+
+    def vjp(self, t, grads, need):
+        opts = self.opts(t, tuple(need))
+        g = grads[0]
+        if g is None:
+            return tuple(None if p is None else torch.zeros_like(p) for p in t[:3])
+        coef = opts.coef * g.reshape(-1 if self.reduction == "none" else ()).to(opts.coef.dtype)
+        _, *grads_out = _policy_walk(*t[:3], opts, coef, tuple(need))
+        return in_dtypes_of(tuple(grads_out), t[:3])
+
+    def jvp(self, t, tangents):
+        x, w, b = t[:3]
+        opts = self.opts(t)
+        kernel = transforms.HeadTangentRows(_PolicyKernel(opts, opts.coef), 4, x, w, *tangents)
+        (_, lp, _, _, per_row), *_ = linear_walk(
+            x, w, b, kernel, num_outputs=5,
+            skip=opts.target == self.params.log_probs.ignore_index,
+            chunk_tokens=opts.chunk_tokens,
+        )  # fmt: skip
+        tangent = per_row if self.reduction == "none" else per_row.sum()
+        zero = torch.zeros_like(lp)
+        return tangent.to(x.dtype), zero, zero.clone(), zero.clone()
+
+
 def _per_token(
     name: str, value: torch.Tensor, shape: torch.Size, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -961,6 +1028,11 @@ def linear_policy_loss(
     chunk of fp32 logits and the kernel's scratch (48 MiB by default). Equals
     :func:`linear_policy_loss_reference` (the logits materialised).
 
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) it
+    gives what the reference gives under them (each vmapped sample its own mean); the
+    per-token statistics carry no derivative, as outside them
+    (:mod:`xent._engine.transforms`).
+
     Example:
         >>> import torch, xent
         >>> h, w = torch.eye(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -1032,7 +1104,15 @@ def linear_policy_loss(
         t, inv_t, adv, old, reduction, coef, denom, need, chunk,
     )  # fmt: skip
     x = hidden.reshape(-1, hidden.shape[-1])
-    loss, lp, ent, clipped, *_ = _LinearPolicyLoss.apply(x, weight, bias, opts)
+    if transforms.active():
+        tensor_t = isinstance(inv_t, torch.Tensor)
+        spec = _LinearPolicySpec(opts.params, reduction, None if tensor_t else inv_t, chunk)
+        loss, lp, ent, clipped = transforms.apply(
+            spec, x, weight, bias, t, inv_t if tensor_t else None, adv, old, coef, denom
+        )
+        clipped = clipped > 0.5
+    else:
+        loss, lp, ent, clipped, *_ = _LinearPolicyLoss.apply(x, weight, bias, opts)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:
