@@ -106,6 +106,21 @@ def relative_cross_entropy(
     return per_row if reduction == "none" else per_row.sum()
 
 
+def relative_log_probs(x64, target, inv_temp=1.0, ignore_index=-100):
+    """``(log p_y, H)`` per row of float64 logits far from 0: torch's log-softmax of
+    ``(x - max x)/T`` (the difference exact in float64 for float32 logits and for float64 ones
+    within a factor of 2 of their max), so that neither value nor gradient forms ``x/T - lse``.
+    Ignored rows give 0."""
+    d = (x64 - x64.detach().amax(dim=1, keepdim=True)) * inv_temp
+    log_p = torch.log_softmax(d, dim=1)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    lp = torch.where(valid, log_p.gather(1, safe[:, None]).squeeze(1), 0.0)
+    p = log_p.exp()
+    ent = -(p * torch.where(p > 0, log_p, 0.0)).sum(dim=1)
+    return lp, torch.where(valid, ent, 0.0)
+
+
 def torch_linear_cross_entropy(
     x,
     w,

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 import xent
-from xent.posttrain import linear_log_probs_reference, log_probs_reference
+from xent.posttrain import (
+    linear_log_probs_reference,
+    linear_policy_loss_reference,
+    log_probs_reference,
+)
 
 N, H, V, B = 5, 3, 7, 3
 DT = torch.float64
@@ -39,6 +43,8 @@ CLASS_W = torch.linspace(0.2, 1.8, V, dtype=DT)
 TEMP = torch.linspace(0.7, 1.3, N, dtype=DT)
 TEACHER_Z = _randn(N, V, seed=11)
 TEACHER_H, TEACHER_W = _randn(N, 4, seed=12), _randn(V, 4, seed=13)
+ADV = torch.linspace(-1.0, 1.5, N, dtype=DT)
+OLD_LP = -2.0 + _randn(N, seed=14)  # ratios far from 1 on some tokens: clipped ones too
 
 
 def _stack(out) -> torch.Tensor:
@@ -171,7 +177,37 @@ CASES = {
         ),
         [(N, H), (V, H)],
     ),
-}
+    "linear_policy_mean_off_policy": (
+        lambda x, w, b: xent.linear_policy_loss(
+            x, w, Y, ADV, old_log_probs=OLD_LP, bias=b, clip_high=0.3, entropy_coef=0.1,
+            chunk_size=2,
+        ),
+        lambda x, w, b: linear_policy_loss_reference(
+            x, w, Y, ADV, old_log_probs=OLD_LP, bias=b, clip_high=0.3, entropy_coef=0.1
+        ),
+        [(N, H), (V, H), (V,)],
+    ),
+    "linear_policy_none_softcap_temperature": (
+        lambda x, w: xent.linear_policy_loss(
+            x, w, Y, ADV, reduction="none", temperature=TEMP, softcap=2.0, entropy_coef=0.05,
+            chunk_size=3,
+        ),
+        lambda x, w: linear_policy_loss_reference(
+            x, w, Y, ADV, reduction="none", temperature=TEMP, softcap=2.0, entropy_coef=0.05
+        ),
+        [(N, H), (V, H)],
+    ),
+    "linear_policy_mean_normalizer": (
+        lambda x, w: xent.linear_policy_loss(
+            x, w, Y, ADV, old_log_probs=OLD_LP, normalizer=torch.tensor(4.0, dtype=DT),
+            chunk_size=2,
+        ),
+        lambda x, w: linear_policy_loss_reference(
+            x, w, Y, ADV, old_log_probs=OLD_LP, normalizer=torch.tensor(4.0, dtype=DT)
+        ),
+        [(N, H), (V, H)],
+    ),
+}  # fmt: skip
 NAMES = list(CASES)
 
 
@@ -238,7 +274,7 @@ def test_vmap(name):
 
 PER_TOKEN = ["lce_none_token_weight", "log_probs", "log_probs_softcap_temperature",
              "linear_log_probs", "linear_log_probs_temperature", "distill_kl_none",
-             "linear_distill_logits_none"]  # fmt: skip
+             "linear_distill_logits_none", "linear_policy_none_softcap_temperature"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", PER_TOKEN)
@@ -474,3 +510,22 @@ def test_vocab_parallel_refuses_transforms(call):
         grad(lambda z: call(z).sum())(z)
     with pytest.raises(RuntimeError, match=r"does not support torch\.func"):
         vmap(call)(z[None])
+
+
+def test_policy_stats_under_vmap_match_eager():
+    """return_stats under vmap: each sample's loss and per-token statistics, as eager, and the
+    clip flags still bool."""
+    xs = torch.stack([_inputs("linear_policy_mean_off_policy", seed=10 * s)[0] for s in range(B)])
+    w = _randn(V, H, seed=40)
+
+    def f(x):
+        return xent.linear_policy_loss(
+            x, w, Y, ADV, old_log_probs=OLD_LP, entropy_coef=0.1, return_stats=True, chunk_size=2
+        )
+
+    got = vmap(f)(xs)
+    assert got.clipped.dtype == torch.bool
+    for i in range(B):
+        want = f(xs[i])
+        for g, e in zip(got, want, strict=True):
+            torch.testing.assert_close(g[i], e, **TOL)

@@ -19,10 +19,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import relative_cross_entropy, torch_linear_cross_entropy
+from oracles import relative_cross_entropy, relative_log_probs, torch_linear_cross_entropy
 
 import xent
+from xent._engine import triton_logprob as triton_lp
 from xent._engine import triton_rows as triton_ce
+from xent.posttrain import linear_policy_loss_reference
 
 IMPLS = ["torch", "triton"]
 OFFSETS = [1e3, 1e4, 1e7]
@@ -37,6 +39,7 @@ def _small_blocks(monkeypatch):
     # Several blocks per row in the Triton kernel: the running max moves between blocks, and
     # the smoothing sum relative to it moves with it.
     monkeypatch.setattr(triton_ce, "MAX_BLOCK", 16)
+    monkeypatch.setattr(triton_lp, "MAX_BLOCK", 16)
 
 
 def _logits(dtype, offset, rows=5, classes=37, seed=0):
@@ -305,3 +308,124 @@ def test_distill_divergence_shift_invariant(impl, offset, beta):
     (g_ref,) = torch.autograd.grad(ref, s64)
     _check(loss, ref.detach(), torch.float32, xs.shape[0])
     _check(g, g_ref, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities, entropy and the policy loss: (u - m) - log s from the kept (m, log s)
+# --------------------------------------------------------------------------------------------
+
+
+def _log_prob_grads(x, t, impl, up_lp, up_ent, **opts):
+    """``(log p, H, ∂(Σ c log p + e H)/∂x)`` of :func:`xent.log_probs`."""
+    xi = x.clone().requires_grad_()
+    out = xent.log_probs(xi, t, return_entropy=True, impl=impl, **opts)
+    loss = (out.log_probs * up_lp).sum() + (out.entropy * up_ent).sum()
+    (g,) = torch.autograd.grad(loss, xi)
+    return out.log_probs.detach(), out.entropy.detach(), g
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_and_entropy_shift_invariant(impl, dtype, offset, temperature):
+    # Without a cap the shift is taken on the raw logits, (x - max x)/T: a temperature adds no
+    # rounding of the logits' size either.
+    x = _logits(dtype, offset)
+    t = _index_target(*x.shape)
+    gen = torch.Generator().manual_seed(8)
+    up_lp, up_ent = (torch.rand(x.shape[0], generator=gen, dtype=torch.float64) for _ in "ab")
+    lp, ent, g = _log_prob_grads(x, t, impl, up_lp.to(dtype), up_ent.to(dtype),
+                                 temperature=temperature)  # fmt: skip
+    x64 = x.double().requires_grad_()
+    lp_ref, ent_ref = relative_log_probs(x64, t, 1.0 / temperature)
+    (g_ref,) = torch.autograd.grad((lp_ref * up_lp).sum() + (ent_ref * up_ent).sum(), x64)
+    scale = 1.0 / temperature
+    _check(lp, lp_ref.detach(), dtype, 10.0)  # -log p reaches ~10 on these rows
+    _check(ent, ent_ref.detach(), dtype, scale)
+    _check(g, g_ref, dtype, 10.0 * scale)  # the entropy's gradient carries log p
+    if impl == "torch" and dtype == torch.float32:
+        # torch.func.grad runs the same kernels through the transforms' spec.
+        def f(z):
+            out = xent.log_probs(z, t, return_entropy=True, temperature=temperature)
+            return (out.log_probs * up_lp.float()).sum() + (out.entropy * up_ent.float()).sum()
+
+        _check(torch.func.grad(f)(x), g_ref, dtype, 10.0 * scale)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_at_the_largest_logits(impl, temperature):
+    # [fmax, fmax, 0], target 0: log p = -log 2, H = log 2, ∂log p/∂x = [1/2, -1/2, 0]/T and
+    # ∂H/∂x = -p (log p + H)/T = 0; fmax/T itself would overflow.
+    x = torch.tensor([[FMAX, FMAX, 0.0]])
+    t = torch.tensor([0])
+    one, zero = torch.ones(1), torch.zeros(1)
+    lp, ent, g_lp = _log_prob_grads(x, t, impl, one, zero, temperature=temperature)
+    _, _, g_ent = _log_prob_grads(x, t, impl, zero, one, temperature=temperature)
+    assert abs(lp.item() + math.log(2.0)) < 1e-7 and abs(ent.item() - math.log(2.0)) < 1e-7
+    half = 0.5 / temperature
+    torch.testing.assert_close(g_lp, torch.tensor([[half, -half, 0.0]]), atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(g_ent, torch.zeros(1, 3), atol=1e-7, rtol=0)
+
+
+def _grid_head(offset, n=7, h=5, v=29, seed=4):
+    """Hidden states and weights in [-1, 1] on a grid of ``k`` and a bias of offset + a multiple
+    of ``k²`` (``k`` = 1/8 up to 10⁴, 1/2 at 10⁶, where fp32's spacing is 1/16): every logit
+    x·w + b is exact in fp32, so the kernels see exactly the oracle's logits."""
+    k = 0.125 if offset < 1e5 else 0.5
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-8, 9, (n, h), generator=gen) / 8.0 / k).round() * k
+    w = (torch.randint(-8, 9, (v, h), generator=gen) / 8.0 / k).round() * k
+    b = offset + torch.randint(-64, 65, (v,), generator=gen) / 64.0 / k**2 // 1 * k**2
+    t = torch.randint(0, v, (n,), generator=gen)
+    t[2] = -100
+    return x, w, b, t
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_linear_log_probs_with_a_large_bias(impl, offset):
+    x, w, b, t = _grid_head(offset)
+    gen = torch.Generator().manual_seed(9)
+    up_lp, up_ent = (torch.rand(x.shape[0], generator=gen, dtype=torch.float64) for _ in "ab")
+    params = [p.clone().requires_grad_() for p in (x, w, b)]
+    out = xent.linear_log_probs(params[0], params[1], t, bias=params[2], return_entropy=True,
+                                impl=impl, chunk_size=3)  # fmt: skip
+    loss = (out.log_probs * up_lp.float()).sum() + (out.entropy * up_ent.float()).sum()
+    grads = torch.autograd.grad(loss, params)
+    params64 = [p.double().requires_grad_() for p in (x, w, b)]
+    z64 = params64[0] @ params64[1].t() + params64[2]
+    lp_ref, ent_ref = relative_log_probs(z64, t)
+    grads_ref = torch.autograd.grad((lp_ref * up_lp).sum() + (ent_ref * up_ent).sum(), params64)
+    _check(out.log_probs.detach(), lp_ref.detach(), torch.float32, 10.0)
+    _check(out.entropy.detach(), ent_ref.detach(), torch.float32)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _check(g, g_ref, torch.float32, 2.0)  # measured ≤ 4e-7 (lse-based: 3e-4 at 10⁴)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_linear_policy_loss_with_a_large_bias(impl, offset, reduction):
+    # Off-policy with an entropy bonus: the loss's gradient runs through both log p and H.
+    x, w, b, t = _grid_head(offset)
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(10)
+    adv = torch.randn(n, generator=gen)
+    params64 = [p.double().requires_grad_() for p in (x, w, b)]
+    with torch.no_grad():
+        lp64, _ = relative_log_probs(params64[0] @ params64[1].t() + params64[2], t)
+    old = (lp64 + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)).float()
+    up = torch.rand(n, generator=gen, dtype=torch.float64) if reduction == "none" else None
+    opts = dict(old_log_probs=old, entropy_coef=0.05, reduction=reduction)
+    params = [p.clone().requires_grad_() for p in (x, w, b)]
+    loss = xent.linear_policy_loss(params[0], params[1], t, adv, bias=params[2], impl=impl,
+                                   chunk_size=3, **opts)  # fmt: skip
+    grads = torch.autograd.grad(loss, params, None if up is None else up.float())
+    ref = linear_policy_loss_reference(*params64[:2], t, adv.double(), bias=params64[2],
+                                       **{**opts, "old_log_probs": old.double()})  # fmt: skip
+    grads_ref = torch.autograd.grad(ref, params64, up)
+    _check(loss.detach(), ref.detach(), torch.float32, 2.0)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _check(g, g_ref, torch.float32, 2.0)  # measured ≤ 2e-7 (lse-based: 5e-5 at 10⁴)

@@ -167,8 +167,8 @@ def test_row_kernels_block_size_never_changes_the_answer(block_rows):
     valid = t != -100
     c, e = torch.where(valid, c, 0.0), torch.where(valid, e, 0.0)
     g_ref, g = torch.empty_like(x), torch.empty_like(x)
-    _logprob_rows.log_prob_grad_rows(x, t, inv_t, base, ref[3], ref[1], c, e, g_ref)
-    _logprob_rows.log_prob_grad_rows(x, t, inv_t, blocked, ref[3], ref[1], c, e, g)
+    _logprob_rows.log_prob_grad_rows(x, t, inv_t, base, *ref[3:], ref[1], c, e, g_ref)
+    _logprob_rows.log_prob_grad_rows(x, t, inv_t, blocked, *ref[3:], ref[1], c, e, g)
     torch.testing.assert_close(g, g_ref, atol=1e-14, rtol=0)
     dp = DivergenceParams(Transform(), Transform(1.0, 2.0), 0.3, block_rows=block_rows)
     xt = torch.randn_like(x)
@@ -336,7 +336,7 @@ def test_entropy_only_logged_costs_no_entropy_work(monkeypatch):
     real = _logprob_rows.log_prob_grad_rows
 
     def spy(*args):
-        seen.append(args[7] is None)  # coef_ent
+        seen.append(args[8] is None)  # coef_ent
         return real(*args)
 
     monkeypatch.setattr(_logprob_rows, "log_prob_grad_rows", spy)

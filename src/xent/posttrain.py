@@ -187,38 +187,40 @@ class _LPOpts:
     owned: torch.Tensor | None = None  # (M) bool: the target lies in this rank's slice
 
     def stats(self, x: torch.Tensor, rows=slice(None)):
-        """The forward row kernel on rows ``rows`` of the call: ``(log p, H, top1, lse)``."""
+        """The forward row kernel on rows ``rows`` of the call: ``(log p, H, top1, m, log s)``."""
         target, inv_t = self.target[rows], _index(self.inv_temp, rows)
         if self.parallel is not None:
             return log_prob_rows_parallel(x, target, inv_t, self.params, self.parallel)
         return _rows(self.params.impl).log_prob_rows(x, target, inv_t, self.params)
 
-    def grad(self, x, rows, lse, ent, c_lp, c_ent, grad_out) -> None:
-        """The backward row kernel: ``grad_out ← ∂(c·log p + e·H)/∂x`` for rows ``rows``."""
+    def grad(self, x, rows, stats, ent, c_lp, c_ent, grad_out) -> None:
+        """The backward row kernel: ``grad_out ← ∂(c·log p + e·H)/∂x`` for rows ``rows``, from
+        their ``stats = (m, log s)`` (the row max of ``u`` and ``log Σ e^{u - m}``)."""
         inv_t = _index(self.inv_temp, rows)
         if self.parallel is not None:
             log_prob_grad_rows(
-                x, self.local_target[rows], inv_t, self.params, lse, ent, c_lp, c_ent,
+                x, self.local_target[rows], inv_t, self.params, *stats, ent, c_lp, c_ent,
                 grad_out, owned=self.owned[rows],
             )  # fmt: skip
             return
         kernels = _rows(self.params.impl)
         kernels.log_prob_grad_rows(
-            x, self.target[rows], inv_t, self.params, lse, ent, c_lp, c_ent, grad_out
+            x, self.target[rows], inv_t, self.params, *stats, ent, c_lp, c_ent, grad_out
         )
 
 
 class _LogProbs(torch.autograd.Function):
     """``(M, V)`` logits → ``(M)`` log-probabilities, entropy and top-1; only the logits are
-    differentiable. Backward runs one pass over the logits from the saved log-sum-exp and
-    entropy; the entropy's part of it only when the entropy's gradient is not None."""
+    differentiable. Backward runs one pass over the logits from the saved row max, ``log s``
+    and entropy (``log p = (u - m) - log s``, never ``u - lse``); the entropy's part of it only
+    when the entropy's gradient is not None."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, opts: _LPOpts):
-        lp, ent, top, lse = opts.stats(x)
+        lp, ent, top, m, log_s = opts.stats(x)
         ctx.set_materialize_grads(False)
         ctx.opts = opts
-        ctx.save_for_backward(x, lse, ent)
+        ctx.save_for_backward(x, m, log_s, ent)
         top = (top if top is not None else lp.new_zeros(0)) > 0.5
         ctx.mark_non_differentiable(top)
         return lp, (ent if ent is not None else lp.new_zeros(0)), top
@@ -228,11 +230,11 @@ class _LogProbs(torch.autograd.Function):
         if g_lp is None and g_ent is None:
             return None, None
         refuse_double_backward("log_probs")
-        x, lse, ent = ctx.saved_tensors
+        x, m, log_s, ent = ctx.saved_tensors
         opts: _LPOpts = ctx.opts
-        c_lp, c_ent = _upstream(opts, g_lp, g_ent, lse)
+        c_lp, c_ent = _upstream(opts, g_lp, g_ent, m)
         grad = torch.empty_like(x)
-        opts.grad(x, slice(None), lse, ent, c_lp, c_ent, grad)
+        opts.grad(x, slice(None), (m, log_s), ent, c_lp, c_ent, grad)
         return grad, None
 
 
@@ -270,24 +272,24 @@ class _LogProbsSpec:
         x, target, inv_t = t[0].contiguous(), t[1], t[2]
         check_target_range(target, x.shape[-1], self.params.ignore_index)
         _check_inv_temp(inv_t)
-        lp, ent, top, _ = self.opts(t).stats(x)
+        lp, ent, top, _, _ = self.opts(t).stats(x)
         return lp, _or_empty(ent, lp), _or_empty(top, lp)
 
     def vjp(self, t, grads, need):
         x = t[0].contiguous()
         opts = self.opts(t)
-        _, ent, _, lse = opts.stats(x)
+        _, ent, _, *stats = opts.stats(x)
         g_ent = grads[1] if self.params.entropy else None
-        c_lp, c_ent = _upstream(opts, grads[0], g_ent, lse)
+        c_lp, c_ent = _upstream(opts, grads[0], g_ent, stats[0])
         grad = torch.empty_like(x)
-        opts.grad(x, slice(None), lse, ent, c_lp, c_ent, grad)
+        opts.grad(x, slice(None), stats, ent, c_lp, c_ent, grad)
         return (grad,)
 
     def jvp(self, t, tangents):
         x, (dx,) = t[0].contiguous(), tangents
         opts = self.opts(t)
-        lp, ent, top, lse = opts.stats(x)
-        outs = _log_prob_tangents(opts, x, slice(None), lse, ent, lambda _: dx)
+        lp, ent, top, *stats = opts.stats(x)
+        outs = _log_prob_tangents(opts, x, slice(None), stats, ent, lambda _: dx)
         return (*outs[:1], _or_empty(outs[1], lp), torch.zeros_like(_or_empty(top, lp)))
 
 
@@ -295,9 +297,11 @@ def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(0) if t is None else t
 
 
-def _log_prob_tangents(opts: _LPOpts, z, rows, lse, ent, zdot_of):
+def _log_prob_tangents(opts: _LPOpts, z, rows, stats, ent, zdot_of):
     """``((log p)˙, Ḣ or None)`` of the rows ``rows`` of logits ``z`` (``zdot_of(rows)``: their
-    tangent, or None for zeros), from the backward kernel with unit coefficients."""
+    tangent, or None for zeros), from the backward kernel with unit coefficients and the rows'
+    ``stats = (m, log s)``."""
+    lse = stats[0]  # for its dtype and device only
     zdot = zdot_of(rows)
     if zdot is None:
         zero = torch.zeros(z.shape[0], dtype=lse.dtype, device=z.device)
@@ -305,11 +309,11 @@ def _log_prob_tangents(opts: _LPOpts, z, rows, lse, ent, zdot_of):
     one = (opts.target[rows] != opts.params.ignore_index).to(lse.dtype).contiguous()
     zero = torch.zeros_like(one)
     grad = torch.empty_like(z)
-    opts.grad(z, rows, lse, None, one, None, grad)
+    opts.grad(z, rows, stats, None, one, None, grad)
     d_lp = (grad.to(lse.dtype) * zdot.to(lse.dtype)).sum(-1)
     if not opts.params.entropy:
         return d_lp, None
-    opts.grad(z, rows, lse, ent, zero, one, grad)
+    opts.grad(z, rows, stats, ent, zero, one, grad)
     return d_lp, (grad.to(lse.dtype) * zdot.to(lse.dtype)).sum(-1)
 
 
@@ -470,22 +474,22 @@ def _lp_chunk(
 
 class _LogProbKernel:
     """The row kernel of :func:`linear_log_probs` for the chunk walker: forward statistics
-    (``grad_out`` None: returns ``log p, H, top1, lse``) or, built with coefficients, the
-    gradient (returns nothing)."""
+    (``grad_out`` None: returns ``log p, H, top1, m, log s``) or, built with the saved
+    ``stats = (m, log s)`` and coefficients, the gradient (returns nothing)."""
 
-    def __init__(self, opts: _LPOpts, lse=None, ent=None, c_lp=None, c_ent=None) -> None:
-        self.opts, self.lse, self.ent, self.c_lp, self.c_ent = opts, lse, ent, c_lp, c_ent
+    def __init__(self, opts: _LPOpts, stats=None, ent=None, c_lp=None, c_ent=None) -> None:
+        self.opts, self.stats, self.ent, self.c_lp, self.c_ent = opts, stats, ent, c_lp, c_ent
 
     def __call__(self, z, rows, grad_out):
         o = self.opts
         if grad_out is None:
-            lp, ent, top, lse = o.stats(z, rows)
+            lp, ent, top, m, log_s = o.stats(z, rows)
             zeros = torch.zeros_like(lp)
-            return lp, zeros if ent is None else ent, zeros if top is None else top, lse
+            return lp, zeros if ent is None else ent, zeros if top is None else top, m, log_s
         o.grad(
             z,
             rows,
-            self.lse[rows],
+            tuple(t[rows] for t in self.stats),
             None if self.c_ent is None else self.ent[rows],
             self.c_lp[rows],
             None if self.c_ent is None else self.c_ent[rows],
@@ -502,19 +506,19 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, opts: _LPOpts):
         skip = opts.target == opts.params.ignore_index
-        (lp, ent, top, lse), *_ = linear_walk(
+        (lp, ent, top, m, log_s), *_ = linear_walk(
             x,
             w,
             b,
             _LogProbKernel(opts),
-            num_outputs=4,
+            num_outputs=5,
             skip=skip,
             chunk_tokens=opts.chunk_tokens,
             parallel=opts.parallel,
         )
         ctx.set_materialize_grads(False)
         ctx.opts, ctx.skip = opts, skip
-        ctx.save_for_backward(x, w, b, lse, ent)
+        ctx.save_for_backward(x, w, b, m, log_s, ent)
         top = top > 0.5
         ctx.mark_non_differentiable(top)
         return lp, ent, top
@@ -524,12 +528,12 @@ class _LinearLogProbs(torch.autograd.Function):
         if g_lp is None and g_ent is None:
             return None, None, None, None
         refuse_double_backward("linear_log_probs")
-        x, w, b, lse, ent = ctx.saved_tensors
+        x, w, b, m, log_s, ent = ctx.saved_tensors
         opts: _LPOpts = ctx.opts
         if not opts.params.entropy:
             g_ent = None
-        c_lp, c_ent = _upstream(opts, g_lp, g_ent, lse)
-        kernel = _LogProbKernel(opts, lse, ent, c_lp, c_ent)
+        c_lp, c_ent = _upstream(opts, g_lp, g_ent, m)
+        kernel = _LogProbKernel(opts, (m, log_s), ent, c_lp, c_ent)
         _, gx, gw, gb = linear_walk(
             x,
             w,
@@ -556,8 +560,8 @@ class _LogProbTangentKernel:
         self.zdot_of = lambda rows: transforms.head_tangent(rows, x, w, dx, dw, db, cdtype)
 
     def __call__(self, z, rows, grad_out):
-        _, ent, _, lse = self.opts.stats(z, rows)
-        d_lp, d_ent = _log_prob_tangents(self.opts, z, rows, lse, ent, self.zdot_of)
+        _, ent, _, *stats = self.opts.stats(z, rows)
+        d_lp, d_ent = _log_prob_tangents(self.opts, z, rows, stats, ent, self.zdot_of)
         return d_lp, torch.zeros_like(d_lp) if d_ent is None else d_ent
 
 
@@ -585,15 +589,15 @@ class _LinearLogProbsSpec(_LogProbsSpec):
     def value(self, t):
         check_target_range(t[3], t[1].shape[0], self.params.ignore_index)
         _check_inv_temp(t[4])
-        (lp, ent, top, _), *_ = self._walk(t, _LogProbKernel(self.opts(t)), 4)
+        (lp, ent, top, _, _), *_ = self._walk(t, _LogProbKernel(self.opts(t)), 5)
         return lp, ent if self.params.entropy else lp.new_zeros(0), top
 
     def vjp(self, t, grads, need):
         opts = self.opts(t)
-        (_, ent, _, lse), *_ = self._walk(t, _LogProbKernel(opts), 4)
+        (_, ent, _, *stats), *_ = self._walk(t, _LogProbKernel(opts), 5)
         g_ent = grads[1] if self.params.entropy else None
-        c_lp, c_ent = _upstream(opts, grads[0], g_ent, lse)
-        kernel = _LogProbKernel(opts, lse, ent, c_lp, c_ent)
+        c_lp, c_ent = _upstream(opts, grads[0], g_ent, stats[0])
+        kernel = _LogProbKernel(opts, stats, ent, c_lp, c_ent)
         _, gx, gw, gb = self._walk(t, kernel, 0, need)
         return in_dtypes_of((gx, gw, gb), t[:3])
 
@@ -855,6 +859,73 @@ class _LinearPolicyLoss(torch.autograd.Function):
         return (*in_dtypes_of(tuple(grads), (x, w, b)), None)
 
 
+@dataclass(frozen=True)
+class _LinearPolicySpec:
+    """:func:`linear_policy_loss` under ``torch.func`` transforms (:mod:`xent._engine.transforms`)
+    on ``(x, w, b, target, inv_temp, advantages, old_log_probs, coef, denom)`` (the last two
+    from :func:`xent._numerics.row_coefficients`, formed outside on the possibly batched
+    target, so that each vmapped sample keeps its own mean). Outputs ``(L, log p, H, clipped)``;
+    the per-token statistics carry no derivative, as in the eager path.
+
+    ``vjp``: the walk of :class:`_LinearPolicyLoss` with coefficients ``c_i·ḡ`` (``ḡ`` the
+    output's cotangent, per token for ``"none"``). ``jvp`` in closed form from the same row
+    kernel: it writes ``G_i = c_i ∂ℓ_i/∂z_i = c_i (∂ℓ/∂log p · ∂log p_i/∂z_i - β ∂H_i/∂z_i)``
+    over each chunk's logits, and ``c_i ℓ̇_i = Σ_v G_iv ż_iv`` with ``ż = ẋWᵀ + xẆᵀ + ḃ``
+    (:class:`xent._engine.transforms.HeadTangentRows`); a scalar loss's tangent is their sum.
+    """
+
+    params: PolicyParams
+    reduction: str
+    inv_temp: float | None  # a number; a per-token tensor is t[4]
+    chunk_tokens: int | None = None
+    name = "linear_policy_loss"
+    num_diff = 3
+
+    def opts(self, t, need=(False, False, False)) -> _PolicyOpts:
+        _, _, _, target, inv_t, adv, old, coef, denom = t
+        inv = self.inv_temp if inv_t is None else inv_t
+        return _PolicyOpts(
+            self.params, target, inv, adv, old, self.reduction, coef, denom, need,
+            self.chunk_tokens,
+        )  # fmt: skip
+
+    def row_inputs(self, t):  # (x, w, b, target, inv_temp, advantages, old, coef, denom)
+        if self.reduction != "none":
+            return None
+        return (True, False, False, True, True, True, True, True, False)
+
+    def value(self, t):
+        x = t[0]
+        check_target_range(t[3], t[1].shape[0], self.params.log_probs.ignore_index)
+        _check_inv_temp(t[4])
+        opts = self.opts(t)
+        (loss, lp, ent, clipped), *_ = _policy_walk(*t[:3], opts, None, (False, False, False))
+        out = reduce_rows(loss, self.reduction, opts.denom).to(x.dtype)
+        return out, lp, ent, clipped
+
+    def vjp(self, t, grads, need):
+        opts = self.opts(t, tuple(need))
+        g = grads[0]
+        if g is None:
+            return tuple(None if p is None else torch.zeros_like(p) for p in t[:3])
+        coef = opts.coef * g.reshape(-1 if self.reduction == "none" else ()).to(opts.coef.dtype)
+        _, *grads_out = _policy_walk(*t[:3], opts, coef, tuple(need))
+        return in_dtypes_of(tuple(grads_out), t[:3])
+
+    def jvp(self, t, tangents):
+        x, w, b = t[:3]
+        opts = self.opts(t)
+        kernel = transforms.HeadTangentRows(_PolicyKernel(opts, opts.coef), 4, x, w, *tangents)
+        (_, lp, _, _, per_row), *_ = linear_walk(
+            x, w, b, kernel, num_outputs=5,
+            skip=opts.target == self.params.log_probs.ignore_index,
+            chunk_tokens=opts.chunk_tokens,
+        )  # fmt: skip
+        tangent = per_row if self.reduction == "none" else per_row.sum()
+        zero = torch.zeros_like(lp)
+        return tangent.to(x.dtype), zero, zero.clone(), zero.clone()
+
+
 def _per_token(
     name: str, value: torch.Tensor, shape: torch.Size, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -957,6 +1028,11 @@ def linear_policy_loss(
     chunk of fp32 logits and the kernel's scratch (48 MiB by default). Equals
     :func:`linear_policy_loss_reference` (the logits materialised).
 
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``) it
+    gives what the reference gives under them (each vmapped sample its own mean); the
+    per-token statistics carry no derivative, as outside them
+    (:mod:`xent._engine.transforms`).
+
     Example:
         >>> import torch, xent
         >>> h, w = torch.eye(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -1028,7 +1104,15 @@ def linear_policy_loss(
         t, inv_t, adv, old, reduction, coef, denom, need, chunk,
     )  # fmt: skip
     x = hidden.reshape(-1, hidden.shape[-1])
-    loss, lp, ent, clipped, *_ = _LinearPolicyLoss.apply(x, weight, bias, opts)
+    if transforms.active():
+        tensor_t = isinstance(inv_t, torch.Tensor)
+        spec = _LinearPolicySpec(opts.params, reduction, None if tensor_t else inv_t, chunk)
+        loss, lp, ent, clipped = transforms.apply(
+            spec, x, weight, bias, t, inv_t if tensor_t else None, adv, old, coef, denom
+        )
+        clipped = clipped > 0.5
+    else:
+        loss, lp, ent, clipped, *_ = _LinearPolicyLoss.apply(x, weight, bias, opts)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:

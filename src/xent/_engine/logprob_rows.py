@@ -168,37 +168,44 @@ def _log2_shifted(
     x: torch.Tensor,
     tf: Transform,
     inv_t: torch.Tensor | float,
-    shift: torch.Tensor | None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None,
     d: torch.Tensor,
     tanh_out: torch.Tensor | None,
     raw_max: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``d ← (u - m)·log₂e`` for a block, with ``m`` the row max (``shift`` None) or ``shift``.
+    """``d ← (u - max u)·log₂e`` for a block (forward), or ``d ← log₂ p`` from the row's saved
+    ``stats = (m, log s)`` (backward).
 
-    ``raw_max`` (no cap only): the ``(n, 1)`` max of the raw logits ``x`` over the row, when it
-    is known from elsewhere (the other slices of a split vocabulary); it gives the same exact
-    shift as the block's own max.
+    ``m`` is the shift the forward took: the row max of ``u`` through a cap, of the raw logits
+    ``x`` without one (``u = f·x`` with ``f = a / T > 0``, so ``max u = f·max x``, and the
+    shift is taken on ``x`` itself: ``d = (x - m)·(f log₂e)``, exact near the max and 0 at it,
+    where ``f·x - f·m`` would subtract two rounded numbers of the logits' size).
+    ``raw_max`` (no cap only): the ``(n, 1)`` max of ``x`` over the row, when it is known from
+    elsewhere (the other slices of a split vocabulary).
 
-    Returns ``(m, tanh)``. Working in base 2 lets ``exp2`` (~3× faster than ``exp`` on
-    AVX-512 CPUs, as measured for the cross-entropy kernel) run without a separate multiply.
-    Without a cap, ``u = f·x`` with ``f = a / T > 0``, so ``max u = f·max x`` and the shift is
-    taken on the raw logits: ``d = (x - m/f)·(f log₂e)``, two passes for transform and shift.
+    Returns ``(m, tanh)``. Backward forms ``log₂ p = (u - m)·log₂e - log s·log₂e``: the large
+    ``u - m`` first, then the small ``log s``, never ``u - lse``. Working in base 2 lets
+    ``exp2`` (~3× faster than ``exp`` on AVX-512 CPUs, as measured for the cross-entropy
+    kernel) run without a separate multiply.
     """
     if tf.softcap is not None:
         _transform(x, tf, inv_t, d, tanh_out)
-        if shift is None:
+        if stats is None:
             shift = _shift_by_max(d)
-        else:
-            d.sub_(shift)
-        d.mul_(LOG2E)
+            d.mul_(LOG2E)
+            return shift, tanh_out
+        shift, log_s = stats
+        d.sub_(shift)
+        torch.add(log_s * -LOG2E, d, alpha=LOG2E, out=d)
         return shift, tanh_out
     f = tf.scale * inv_t
-    if shift is not None:
-        # A given shift (backward's lse): d = x·(f log₂e) - shift·log₂e in one pass.
+    if stats is not None:
+        shift, log_s = stats
+        torch.sub(x, shift, out=d)
         if isinstance(f, torch.Tensor):
-            torch.addcmul(shift * -LOG2E, x, f * LOG2E, out=d)
+            torch.addcmul(log_s * -LOG2E, d, f * LOG2E, out=d)
         else:
-            torch.add(shift * -LOG2E, x, alpha=f * LOG2E, out=d)
+            torch.add(log_s * -LOG2E, d, alpha=f * LOG2E, out=d)
         return shift, None
     mx = x.amax(dim=1, keepdim=True).to(d.dtype) if raw_max is None else raw_max
     mx = torch.where(mx == -torch.inf, torch.zeros_like(mx), mx)
@@ -206,7 +213,7 @@ def _log2_shifted(
     # term is exactly 1: no overflow, no underflow of the sum, log of it ≥ 0.
     torch.sub(x, mx, out=d)
     d.mul_(f * LOG2E)
-    return mx * f, None
+    return mx, None
 
 
 def _finite_dot_(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -231,18 +238,23 @@ def log_prob_rows(
     target: torch.Tensor,
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """``(log p_y, H, top1, lse)`` of each row of ``x``, all ``(n)`` in the compute dtype.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(log p_y, H, top1, m, log s)`` of each row of ``x``, all ``(n)`` in the compute dtype.
 
     ``H`` and ``top1`` (1.0 where ``y`` is the row's arg-max, the first of tied maxima, else
-    0.0) are None unless asked for. Ignored rows give 0 (``lse`` is still theirs).
+    0.0) are None unless asked for. Ignored rows give 0 (``m`` and ``log s`` are still theirs).
+    ``m`` is the row's shift (:func:`_log2_shifted`: the max of ``x`` without a cap, of ``u``
+    through one; 0 for a row of only ``-inf``) and ``log s = log Σ e^{u - max u}``: kept apart,
+    not as ``lse``, so that backward's ``log p = (u - max u) - log s`` never subtracts a rounded
+    ``lse`` from a logit of its size.
     """
     n, vocab = x.shape
     cdtype = compute_dtype(x.dtype)
     tf = params.transform
     valid, safe = _targets(target, params.ignore_index)
     lp = torch.empty(n, dtype=cdtype, device=x.device)
-    lse = torch.empty(n, dtype=cdtype, device=x.device)
+    m_all = torch.empty(n, dtype=cdtype, device=x.device)
+    log_s_all = torch.empty(n, dtype=cdtype, device=x.device)
     ent = torch.empty(n, dtype=cdtype, device=x.device) if params.entropy else None
     top = torch.empty(n, dtype=cdtype, device=x.device) if params.top1 else None
     step = _rows_per_block(params.block_rows, vocab)
@@ -264,12 +276,13 @@ def log_prob_rows(
         s = e.sum(dim=1)
         log_s = s.log()  # ≥ 0: the max term is exactly 1
         lp[start:stop] = torch.where(ok, d_y * LN2 - log_s, 0.0)
-        lse[start:stop] = m.squeeze(1) + log_s
+        m_all[start:stop] = m.squeeze(1)
+        log_s_all[start:stop] = log_s
         if ent is not None:
             # H = log s - Σ e (u - m) / s; a rounding below 0 is clamped (H ≥ 0 exactly).
             h = log_s - _finite_dot_(e, d) * LN2 / s
             ent[start:stop] = torch.where(ok, h.clamp_(min=0.0), 0.0)
-    return lp, ent, top, lse
+    return lp, ent, top, m_all, log_s_all
 
 
 def log_prob_grad_rows(
@@ -277,14 +290,18 @@ def log_prob_grad_rows(
     target: torch.Tensor,
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
-    lse: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
     ent: torch.Tensor | None,
     coef_lp: torch.Tensor,
     coef_ent: torch.Tensor | None,
     grad_out: torch.Tensor,
     owned: torch.Tensor | None = None,
 ) -> None:
-    """``grad_out ← Σ_i ∂(c_i log p_{y_i} + e_i H_i)/∂x`` from the saved ``lse`` and ``H``.
+    """``grad_out ← Σ_i ∂(c_i log p_{y_i} + e_i H_i)/∂x`` from the saved ``(m, log s)`` and ``H``.
+
+    ``log p_j = (u_j - m) - log s``: ``u - m`` first (exact near the max, and 0 at it), then the
+    small ``log s``, as the forward formed it.
 
     ``coef_lp`` (``c``) and ``coef_ent`` (``e``, or None when the entropy is not in the loss:
     then the kernel does the log-probability's work only) are ``(n)`` and 0 on ignored rows.
@@ -308,7 +325,8 @@ def log_prob_grad_rows(
         # Without the entropy, log₂ p is formed straight in the gradient's buffer (which may be
         # x's own: each element is read before it is written) and no scratch is needed.
         d = g if coef_ent is None else scratch.get("u", rows)
-        _, tanh = _log2_shifted(x[start:stop], tf, inv_t, lse[start:stop, None], d, tanh)
+        stats = (m[start:stop, None], log_s[start:stop, None])
+        _, tanh = _log2_shifted(x[start:stop], tf, inv_t, stats, d, tanh)
         # d = log₂ p. Without a cap the chain factor ∂u/∂x = a/T is a per-row number, folded
         # into the coefficients; through a cap it is per element, applied at the end.
         fac = tf.scale * inv_t if tanh is None else 1.0
@@ -390,12 +408,12 @@ def policy_rows(
     (``c``, 0 on ignored rows) is required with ``grad_out``; ``grad_out`` may be ``x`` itself.
     """
     lpp = params.log_probs
-    lp, ent, _, lse = log_prob_rows(x, target, inv_temp, lpp)
+    lp, ent, _, m, log_s = log_prob_rows(x, target, inv_temp, lpp)
     valid = target != lpp.ignore_index
     loss, dlp, clipped = policy_terms(lp, ent, valid, advantages, old_log_probs, params)
     if grad_out is not None:
         c_ent = None if params.entropy_coef == 0.0 else coef * -params.entropy_coef
-        log_prob_grad_rows(x, target, inv_temp, lpp, lse, ent, coef * dlp, c_ent, grad_out)
+        log_prob_grad_rows(x, target, inv_temp, lpp, m, log_s, ent, coef * dlp, c_ent, grad_out)
     return loss, lp, torch.zeros_like(lp) if ent is None else ent, clipped
 
 
@@ -405,7 +423,7 @@ def log_prob_rows_parallel(
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
     parallel,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`log_prob_rows` when ``x`` is this rank's slice ``[start, start + V_r)`` of the
     vocabulary (``parallel``: a :class:`xent._engine.parallel.VocabParallel`); ``target`` holds
     global class indices. Results are the global ones, the same on every rank.
@@ -436,7 +454,7 @@ def log_prob_rows_parallel(
         _transform(x[start:stop], tf, inv_t, d, scratch.get("tanh", stop - start))
         m[start:stop] = d.amax(dim=1, keepdim=True)
     parallel.all_reduce_max(m)
-    lse = torch.empty(n, dtype=cdtype, device=x.device)
+    m_u = torch.empty(n, dtype=cdtype, device=x.device)  # the shift (of x, or of u when capped)
     sums = torch.zeros(3, n, dtype=cdtype, device=x.device)  # Σ e, Σ e ln e, d_y (base 2)
     first = torch.full((n,), float(-parallel.vocab), dtype=cdtype, device=x.device)
     for start in range(0, n, step):
@@ -449,10 +467,10 @@ def log_prob_rows_parallel(
             shift, _ = _log2_shifted(x[start:stop], tf, inv_t, None, d, None, m[start:stop])
         else:
             mu = m[start:stop]
-            shift, _ = _log2_shifted(
-                x[start:stop], tf, inv_t, torch.where(mu == -torch.inf, 0.0, mu), d, tanh
-            )
-        lse[start:stop] = shift.squeeze(1)
+            shift = torch.where(mu == -torch.inf, 0.0, mu)
+            _transform(x[start:stop], tf, inv_t, d, tanh)
+            d.sub_(shift).mul_(LOG2E)
+        m_u[start:stop] = shift.squeeze(1)
         d_y = d.gather(1, local[start:stop, None]).squeeze(1)
         sums[2, start:stop] = torch.where(owned[start:stop], d_y, 0.0)
         if params.top1:
@@ -470,14 +488,13 @@ def log_prob_rows_parallel(
     s, w, d_y = sums
     log_s = s.log()
     lp = torch.where(valid, d_y * LN2 - log_s, 0.0)
-    lse += log_s
     ent = top = None
     if params.entropy:
         ent = torch.where(valid, (log_s - w / s).clamp_(min=0.0), 0.0)
     if params.top1:
         parallel.all_reduce_max(first)
         top = (valid & (-first == safe)).to(cdtype)
-    return lp, ent, top, lse
+    return lp, ent, top, m_u, log_s
 
 
 # --------------------------------------------------------------------------------------------

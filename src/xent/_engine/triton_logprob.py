@@ -10,6 +10,9 @@ transform and the algebra are derived in :mod:`xent._engine.logprob_rows`.
   m_new} + Σ e^{u - m_new}``), the entropy's ``w = Σ e^{u - m} (u - m)`` moved to each new max
   (``w ← e^{m_old - m_new} (w + (m_old - m_new) s) + Σ …``) and the first arg-max; then
   ``log p_y = (u_y - m) - log s`` (≤ 0: ``u_y ≤ m`` and ``s ≥ 1``) and ``H = log s - w / s``.
+  Without a cap the shift is taken on the raw logits (``u - max u = (x - max x)·a/T``), and
+  ``(m, log s)`` are kept apart, never as ``lse``: no step subtracts two numbers of the
+  logits' size.
   Backward: one pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x``.
 * The clipped policy-gradient loss: the log-probabilities' pass, the token's coefficients
   (``c = -A r [not clipped]`` times the reduction's weight, ``e = -β`` times it) in registers,
@@ -55,6 +58,18 @@ def _transform(x, scale, cap, inv_t, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
+def _shiftable(x, scale, cap, inv_t, HAS_CAP: tl.constexpr):
+    """``(v, f, tanh)``: the value whose row max is the shift ``m``, and the factor with
+    ``u - max u = (v - m)·f``. Through a cap ``v = u`` (``f = 1``); without one the raw logit
+    ``x`` itself (``u = f·x``, ``f = scale·inv_t > 0``), so that ``x - m`` is formed before any
+    rounding of ``f·x``: exact near the max and 0 at it, whatever the logits' size."""
+    if HAS_CAP:
+        t = _tanh(x * scale / cap)
+        return cap * t * inv_t, 1.0, t
+    return x, scale * inv_t, x
+
+
+@triton.jit
 def _chain(g, t, scale, inv_t, HAS_CAP: tl.constexpr):
     """``g·∂u/∂x``: ``× scale·inv_t``, and ``× (1 - tanh²)`` through the cap."""
     if HAS_CAP:
@@ -66,7 +81,8 @@ def _chain(g, t, scale, inv_t, HAS_CAP: tl.constexpr):
 def _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, HAS_ENT: tl.constexpr,
                HAS_TOP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One pass over a row: ``(shift, s, w, best)``, the online statistics of the module
-    docstring (``w`` and ``best`` only when asked for)."""
+    docstring (``w`` and ``best`` only when asked for); ``shift`` is the max of
+    :func:`_shiftable`'s ``v`` and ``s = Σ e^{(v - shift)·f}``."""
     m = tl.full((), float("-inf"), ACC)
     shift = tl.zeros((), ACC)  # m, or 0 while every logit so far is -inf
     s = tl.zeros((), ACC)
@@ -75,36 +91,41 @@ def _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP: tl.constexpr, HAS_ENT: tl.c
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
-        u, _t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
-                           HAS_CAP)  # fmt: skip
-        u = tl.where(mask, u, float("-inf"))  # lanes past the row end take no part
-        block_max = tl.max(u, axis=0)
+        v, f, _t = _shiftable(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap,
+                              inv_t, HAS_CAP)  # fmt: skip
+        v = tl.where(mask, v, float("-inf"))  # lanes past the row end take no part
+        block_max = tl.max(v, axis=0)
         if HAS_TOP:
             # Strictly greater: of tied maxima the earliest stays the arg-max.
-            best = tl.where(block_max > m, start + tl.argmax(u, axis=0).to(tl.int64), best)
+            best = tl.where(block_max > m, start + tl.argmax(v, axis=0).to(tl.int64), best)
         m_new = tl.maximum(m, block_max)
         new_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(shift - new_shift)
-        d = u - new_shift
+        moved = (shift - new_shift) * f
+        alpha = tl.exp(moved)
+        d = (v - new_shift) * f
         e = tl.exp(d)
         if HAS_ENT:
-            # w = Σ e (u - shift), moved to the new shift; e = 0 lanes add 0 (never 0·-inf).
-            w = alpha * (w + (shift - new_shift) * s) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+            # w = Σ e (u - max u), moved to the new shift; e = 0 lanes add 0 (never 0·-inf),
+            # and so does the old part once its factor underflows (moved may then be -inf).
+            old = tl.where(alpha > 0, alpha * (w + moved * s), 0.0)
+            w = old + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m, shift = m_new, new_shift
     return shift, s, w, best
 
 
 @triton.jit
-def _row_grad(x_row, g_row, V, y, valid, lse, c, ce, h, scale, cap, inv_t, HAS_CAP: tl.constexpr,
-              HAS_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x`` over a row."""
+def _row_grad(x_row, g_row, V, y, valid, shift, log_s, c, ce, h, scale, cap, inv_t,
+              HAS_CAP: tl.constexpr, HAS_ENT: tl.constexpr, ACC: tl.constexpr,
+              BLOCK: tl.constexpr):  # fmt: skip
+    """One pass writing ``c [j = y] - p_j (c + e (log p_j + H))`` times ``∂u/∂x`` over a row,
+    from the row's ``(m, log s)``: ``log p = (u - m) - log s``, never ``u - lse``."""
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
-        u, t = _transform(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap, inv_t,
-                          HAS_CAP)  # fmt: skip
-        log_p = u - lse
+        v, f, t = _shiftable(tl.load(x_row + cols, mask=mask, other=0.0).to(ACC), scale, cap,
+                             inv_t, HAS_CAP)  # fmt: skip
+        log_p = (v - shift) * f - log_s
         p = tl.exp(log_p)
         # p_j = 0 lanes add 0 (never 0·-inf).
         a = c
@@ -126,7 +147,8 @@ def _logprob_fwd_kernel(
     LP,
     ENT,
     TOP,
-    LSE,
+    M,
+    LOG_S,
     V,
     ignore_index,
     HAS_ROW_TEMP: tl.constexpr,
@@ -149,9 +171,10 @@ def _logprob_fwd_kernel(
     shift, s, w, best = _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP, HAS_ENT, HAS_TOP, ACC,
                                    BLOCK)  # fmt: skip
     log_s = tl.log(s)  # ≥ 0: the max term is exactly 1
-    u_y, _t = _transform(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
-    tl.store(LP + row, tl.where(valid, (u_y - shift) - log_s, 0.0))
-    tl.store(LSE + row, shift + log_s)
+    v_y, f, _t = _shiftable(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
+    tl.store(LP + row, tl.where(valid, (v_y - shift) * f - log_s, 0.0))
+    tl.store(M + row, shift)
+    tl.store(LOG_S + row, log_s)
     if HAS_ENT:
         h = tl.maximum(log_s - w / s, 0.0)  # a rounding below 0 is clamped (H ≥ 0 exactly)
         tl.store(ENT + row, tl.where(valid, h, 0.0))
@@ -166,7 +189,8 @@ def _logprob_bwd_kernel(
     T,
     INV_T,
     OPTS,
-    LSE,
+    M,
+    LOG_S,
     ENT,
     C_LP,
     C_ENT,
@@ -187,15 +211,16 @@ def _logprob_bwd_kernel(
     if HAS_ROW_TEMP:
         inv_t = tl.load(INV_T + row).to(ACC)
     y = tl.load(T + row).to(tl.int64)
-    lse = tl.load(LSE + row).to(ACC)
+    shift = tl.load(M + row).to(ACC)
+    log_s = tl.load(LOG_S + row).to(ACC)
     c = tl.load(C_LP + row).to(ACC)
     ce = tl.zeros((), ACC)
     h = tl.zeros((), ACC)
     if HAS_ENT:
         ce = tl.load(C_ENT + row).to(ACC)
         h = tl.load(ENT + row).to(ACC)
-    _row_grad(X + row * stride_x, G + row * stride_g, V, y, y != ignore_index, lse, c, ce, h,
-              scale, cap, inv_t, HAS_CAP, HAS_ENT, ACC, BLOCK)  # fmt: skip
+    _row_grad(X + row * stride_x, G + row * stride_g, V, y, y != ignore_index, shift, log_s, c,
+              ce, h, scale, cap, inv_t, HAS_CAP, HAS_ENT, ACC, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -244,8 +269,8 @@ def _policy_kernel(
     shift, s, w, _best = _row_stats(x_row, V, scale, cap, inv_t, HAS_CAP, HAS_ENT, False, ACC,
                                     BLOCK)  # fmt: skip
     log_s = tl.log(s)
-    u_y, _t = _transform(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
-    lp = tl.where(valid, (u_y - shift) - log_s, 0.0)
+    v_y, f, _t = _shiftable(tl.load(x_row + y_safe).to(ACC), scale, cap, inv_t, HAS_CAP)
+    lp = tl.where(valid, (v_y - shift) * f - log_s, 0.0)
     h = tl.zeros((), ACC)
     if HAS_ENT:
         h = tl.where(valid, tl.maximum(log_s - w / s, 0.0), 0.0)
@@ -266,7 +291,7 @@ def _policy_kernel(
     if HAS_GRAD:
         c = tl.load(COEF + row).to(ACC)
         c_lp = tl.where(valid & (ca >= ra), -ra * c, 0.0)
-        _row_grad(x_row, G + row * stride_g, V, y, valid, shift + log_s, c_lp, -beta * c, h,
+        _row_grad(x_row, G + row * stride_g, V, y, valid, shift, log_s, c_lp, -beta * c, h,
                   scale, cap, inv_t, HAS_CAP, ENT_IN_LOSS, ACC, BLOCK)  # fmt: skip
 
 
@@ -453,14 +478,15 @@ def log_prob_rows(
     target: torch.Tensor,
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`xent._engine.logprob_rows.log_prob_rows` on Triton: same arguments, same results."""
     n, vocab = x.shape
     acc, tl_acc = _acc(x)
     x = _dense(x)
     tf = params.transform
     lp = torch.empty(n, dtype=acc, device=x.device)
-    lse = torch.empty(n, dtype=acc, device=x.device)
+    m = torch.empty(n, dtype=acc, device=x.device)
+    log_s = torch.empty(n, dtype=acc, device=x.device)
     ent = torch.empty(n, dtype=acc, device=x.device) if params.entropy else None
     top = torch.empty(n, dtype=acc, device=x.device) if params.top1 else None
     inv_t, row_t = _temperature(inv_temp, acc)
@@ -475,7 +501,8 @@ def log_prob_rows(
             lp,
             ent,
             top,
-            lse,
+            m,
+            log_s,
             vocab,
             params.ignore_index,
             HAS_ROW_TEMP=row_t is not None,
@@ -486,7 +513,7 @@ def log_prob_rows(
             BLOCK=block,
             num_warps=warps,
         )
-    return lp, ent, top, lse
+    return lp, ent, top, m, log_s
 
 
 def log_prob_grad_rows(
@@ -494,7 +521,8 @@ def log_prob_grad_rows(
     target: torch.Tensor,
     inv_temp: torch.Tensor | float,
     params: LogProbParams,
-    lse: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
     ent: torch.Tensor | None,
     coef_lp: torch.Tensor,
     coef_ent: torch.Tensor | None,
@@ -515,7 +543,8 @@ def log_prob_grad_rows(
             target.contiguous(),
             row_t,
             _options([tf.scale, tf.softcap or 1.0, inv_t], acc, x.device),
-            lse.contiguous(),
+            m.to(acc).contiguous(),
+            log_s.to(acc).contiguous(),
             None if coef_ent is None else ent.contiguous(),
             coef_lp.to(acc).contiguous(),
             None if coef_ent is None else coef_ent.to(acc).contiguous(),
