@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -318,12 +319,43 @@ def test_probability_targets_are_not_normalised():
     assert_close(xent.cross_entropy(x, 2 * q), 2 * xent.cross_entropy(x, q), 1e-12)
 
 
-def test_integer_target_dtypes_are_accepted():
-    x = torch.randn(4, 3, dtype=torch.float64)
-    t = torch.tensor([0, 2, 1, 1])
-    ref = F.cross_entropy(x, t)
-    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
-        assert_close(xent.cross_entropy(x, t.to(dtype)), ref, 1e-12)
+TARGET_DTYPES = (torch.int64, torch.uint8, torch.int32, torch.int16, torch.int8, torch.bool)
+TARGET_SHAPES = [
+    ((7,), ()),
+    ((4, 3), (4,)),
+    ((0, 3), (0,)),
+    ((2, 3, 4), (2, 4)),
+    ((2, 3, 0), (2, 0)),
+]
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss"])
+@pytest.mark.parametrize("shapes", TARGET_SHAPES, ids=str)
+def test_target_dtypes_follow_torch(fn, shapes):
+    # int64 always, uint8 for ()/(N) targets or empty reduced spatial ones; the rest raise
+    # PyTorch's RuntimeError, with its message first.
+    shape, target_shape = shapes
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.randint(0, 3, target_shape, generator=torch.Generator().manual_seed(4))
+    for dtype in TARGET_DTYPES:
+        for reduction in ("none", "mean", "sum"):
+            if fn[0].isupper():
+                ours, theirs = (
+                    getattr(xent.nn, fn)(reduction=reduction),
+                    getattr(torch.nn, fn)(reduction=reduction),
+                )
+            else:
+                ours = partial(getattr(xent, fn), reduction=reduction)
+                theirs = partial(getattr(F, fn), reduction=reduction)
+            try:
+                expected = theirs(x, t.to(dtype))
+            except RuntimeError as exc:
+                with pytest.raises(RuntimeError) as info:
+                    ours(x, t.to(dtype))
+                assert str(info.value).startswith(str(exc)), (dtype, reduction)
+                assert str(dtype) in str(info.value)
+                continue
+            assert_close(ours(x, t.to(dtype)), expected, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +387,7 @@ def test_shape_errors_name_the_shapes():
         xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), weight=torch.ones(4))
     with pytest.raises(RuntimeError, match=r"got torch\.int64"):
         xent.cross_entropy(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"got torch\.float32"):
+    with pytest.raises(RuntimeError, match=r"Long or Byte, but got Float \(torch\.float32\)"):
         xent.cross_entropy(torch.randn(2, 3), torch.tensor([0.0, 1.0]))
     with pytest.raises(RuntimeError, match="ignore_index=1"):
         xent.cross_entropy(torch.randn(2, 3), torch.rand(2, 3), ignore_index=1)
@@ -471,8 +503,9 @@ def test_small_integer_targets_do_not_wrap_around_ignore_index(fn):
     torch.testing.assert_close(fn(x, t), getattr(F, fn.__name__)(x, t.long()))
     with pytest.raises(IndexError, match="Target 156 is out of bounds"):
         fn(torch.randn(2, 10), torch.tensor([156, 3], dtype=torch.uint8))
-    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
-        fn(torch.randn(2, 10), torch.tensor([-1, 3], dtype=torch.int8), ignore_index=255)
+    # Nor may ignore_index=-1 ignore a uint8 255 (which is -1 wrapped around).
+    with pytest.raises(IndexError, match="Target 255 is out of bounds"):
+        fn(torch.randn(2, 10), torch.tensor([255, 3], dtype=torch.uint8), ignore_index=-1)
 
 
 def test_fp16_gradient_survives_loss_scaling():
