@@ -397,6 +397,76 @@ def test_shape_errors_name_the_shapes():
         xent.cross_entropy(torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 1]))
 
 
+def _prob_case(n=5, c=4, dtype=torch.float64, seed=21):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=gen, dtype=dtype).requires_grad_()
+    q = torch.rand(n, c, generator=gen, dtype=dtype).softmax(1).requires_grad_()
+    w = (torch.rand(c, generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    return x, q, w
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_prob_target_class_weight_gradient_matches_torch(impl, reduction, eps):
+    # PyTorch differentiates the class weights of probability targets; so does xent.
+    x, q, w = _prob_case()
+    g = torch.rand(5, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=eps)
+    ours = torch.autograd.grad((xent.cross_entropy(x, q, impl=impl, **kw) * g).sum(), (x, q, w))
+    theirs = torch.autograd.grad((F.cross_entropy(x, q, **kw) * g).sum(), (x, q, w))
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, b, 1e-12)
+
+
+def test_prob_target_class_weight_gradient_fp16_and_options():
+    # fp16 logits keep only the statistics (the recomputing backward); a soft cap and a z-loss
+    # leave dL/dw = Σ_i c_i (-q'_i log p_i) with p from the capped logits.
+    x, _, _ = _prob_case(dtype=torch.float16)
+    _, q, w = _prob_case(dtype=torch.float32)
+    (gw,) = torch.autograd.grad(xent.cross_entropy(x, q, weight=w), (w,))
+    (rw,) = torch.autograd.grad(F.cross_entropy(x.float(), q, weight=w), (w,))
+    assert_close(gw, rw, 2e-3)
+    x, q, w = _prob_case()
+    capped = xent.cross_entropy(x, q, weight=w, softcap=3.0, z_loss=0.1, reduction="sum")
+    (gw,) = torch.autograd.grad(capped, (w,))
+    log_p = (3.0 * torch.tanh(x / 3.0)).log_softmax(1)
+    assert_close(gw, -(q * log_p).sum(0), 1e-12)
+
+
+def test_prob_target_class_weight_gradcheck():
+    x, q, w = _prob_case(n=3, c=4)
+    for reduction in ("none", "mean"):
+        fn = partial(xent.cross_entropy, reduction=reduction, label_smoothing=0.1)
+        assert torch.autograd.gradcheck(fn, (x, q, w))  # weight is the third argument
+        assert torch.autograd.gradgradcheck(fn, (x, q, w))
+
+
+def test_prob_target_class_weight_under_torch_func():
+    x, q, w = _prob_case()
+    x, q, w = x.detach(), q.detach(), w.detach()
+    ours = torch.func.jacrev(lambda w: xent.cross_entropy(x, q, weight=w, reduction="none"))(w)
+    theirs = torch.func.jacrev(lambda w: F.cross_entropy(x, q, weight=w, reduction="none"))(w)
+    assert_close(ours, theirs, 1e-12)
+    v = torch.rand_like(w)
+    ours = torch.func.jvp(lambda w: xent.cross_entropy(x, q, weight=w), (w,), (v,))[1]
+    theirs = torch.func.jvp(lambda w: F.cross_entropy(x, q, weight=w), (w,), (v,))[1]
+    assert_close(ours, theirs, 1e-12)
+
+
+def test_prob_target_class_weight_under_torch_compile():
+    x, q, w = _prob_case(dtype=torch.float32)
+
+    def step(x, q, w):
+        return xent.cross_entropy(x, q, weight=w, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    ours = torch.autograd.grad(compiled(x, q, w), (x, q, w))
+    theirs = torch.autograd.grad(F.cross_entropy(x, q, weight=w, label_smoothing=0.1), (x, q, w))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_weight_requiring_grad_is_refused():
     with pytest.raises(RuntimeError, match="not differentiable"):
         xent.cross_entropy(
