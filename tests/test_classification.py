@@ -434,6 +434,22 @@ def test_prob_target_class_weight_gradient_fp16_and_options():
     assert_close(gw, -(q * log_p).sum(0), 1e-12)
 
 
+def test_prob_target_class_weight_gradient_edge_cases():
+    # inplace_backward gives way to the weight's gradient (it needs the logits); with no class
+    # the gradient is empty, as in PyTorch.
+    x, q, w = _prob_case()
+    ours = torch.autograd.grad(xent.cross_entropy(x, q, w, inplace_backward=True), (x, w))
+    theirs = torch.autograd.grad(F.cross_entropy(x, q, w), (x, w))
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, b, 1e-12)
+    x0, w0 = torch.randn(3, 0, requires_grad=True), torch.ones(0, requires_grad=True)
+    for reduction in ("none", "sum"):
+        (g,) = torch.autograd.grad(
+            xent.cross_entropy(x0, torch.rand(3, 0), w0, reduction=reduction).sum(), (w0,)
+        )
+        assert g.shape == (0,)
+
+
 def test_prob_target_class_weight_gradcheck():
     x, q, w = _prob_case(n=3, c=4)
     for reduction in ("none", "mean"):

@@ -267,6 +267,9 @@ def cross_entropy(
         if rows_target.dim() == 1:
             check_target_range(rows_target, 0, ignore_index)
         loss = _no_classes(_as_rows(input), rows_target, reduction, eps, z_loss)
+        if weight is not None and weight.requires_grad:
+            # No class, no term holds a weight: ∂L/∂w is the empty (0) gradient, as in PyTorch.
+            loss = loss + weight.sum().to(loss.dtype)  # an empty sum: exactly 0
         return _rows_to_target_shape(loss, input) if reduction == "none" else loss
     inplace = bool(inplace_backward) and input.dim() == 2
     loss = cross_entropy_rows(
