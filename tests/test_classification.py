@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -318,12 +319,43 @@ def test_probability_targets_are_not_normalised():
     assert_close(xent.cross_entropy(x, 2 * q), 2 * xent.cross_entropy(x, q), 1e-12)
 
 
-def test_integer_target_dtypes_are_accepted():
-    x = torch.randn(4, 3, dtype=torch.float64)
-    t = torch.tensor([0, 2, 1, 1])
-    ref = F.cross_entropy(x, t)
-    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
-        assert_close(xent.cross_entropy(x, t.to(dtype)), ref, 1e-12)
+TARGET_DTYPES = (torch.int64, torch.uint8, torch.int32, torch.int16, torch.int8, torch.bool)
+TARGET_SHAPES = [
+    ((7,), ()),
+    ((4, 3), (4,)),
+    ((0, 3), (0,)),
+    ((2, 3, 4), (2, 4)),
+    ((2, 3, 0), (2, 0)),
+]
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss"])
+@pytest.mark.parametrize("shapes", TARGET_SHAPES, ids=str)
+def test_target_dtypes_follow_torch(fn, shapes):
+    # int64 always, uint8 for ()/(N) targets or empty reduced spatial ones; the rest raise
+    # PyTorch's RuntimeError, with its message first.
+    shape, target_shape = shapes
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.randint(0, 3, target_shape, generator=torch.Generator().manual_seed(4))
+    for dtype in TARGET_DTYPES:
+        for reduction in ("none", "mean", "sum"):
+            if fn[0].isupper():
+                ours, theirs = (
+                    getattr(xent.nn, fn)(reduction=reduction),
+                    getattr(torch.nn, fn)(reduction=reduction),
+                )
+            else:
+                ours = partial(getattr(xent, fn), reduction=reduction)
+                theirs = partial(getattr(F, fn), reduction=reduction)
+            try:
+                expected = theirs(x, t.to(dtype))
+            except RuntimeError as exc:
+                with pytest.raises(RuntimeError) as info:
+                    ours(x, t.to(dtype))
+                assert str(info.value).startswith(str(exc)), (dtype, reduction)
+                assert str(dtype) in str(info.value)
+                continue
+            assert_close(ours(x, t.to(dtype)), expected, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +387,7 @@ def test_shape_errors_name_the_shapes():
         xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), weight=torch.ones(4))
     with pytest.raises(RuntimeError, match=r"got torch\.int64"):
         xent.cross_entropy(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"got torch\.float32"):
+    with pytest.raises(RuntimeError, match=r"Long or Byte, but got Float \(torch\.float32\)"):
         xent.cross_entropy(torch.randn(2, 3), torch.tensor([0.0, 1.0]))
     with pytest.raises(RuntimeError, match="ignore_index=1"):
         xent.cross_entropy(torch.randn(2, 3), torch.rand(2, 3), ignore_index=1)
@@ -363,6 +395,92 @@ def test_shape_errors_name_the_shapes():
         xent.cross_entropy(torch.tensor(1.0), torch.tensor(0))
     with pytest.raises(TypeError, match=r"torch\.int64"):
         xent.cross_entropy(torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 1]))
+
+
+def _prob_case(n=5, c=4, dtype=torch.float64, seed=21):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=gen, dtype=dtype).requires_grad_()
+    q = torch.rand(n, c, generator=gen, dtype=dtype).softmax(1).requires_grad_()
+    w = (torch.rand(c, generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    return x, q, w
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_prob_target_class_weight_gradient_matches_torch(impl, reduction, eps):
+    # PyTorch differentiates the class weights of probability targets; so does xent.
+    x, q, w = _prob_case()
+    g = torch.rand(5, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=eps)
+    ours = torch.autograd.grad((xent.cross_entropy(x, q, impl=impl, **kw) * g).sum(), (x, q, w))
+    theirs = torch.autograd.grad((F.cross_entropy(x, q, **kw) * g).sum(), (x, q, w))
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, b, 1e-12)
+
+
+def test_prob_target_class_weight_gradient_fp16_and_options():
+    # fp16 logits keep only the statistics (the recomputing backward); a soft cap and a z-loss
+    # leave dL/dw = Σ_i c_i (-q'_i log p_i) with p from the capped logits.
+    x, _, _ = _prob_case(dtype=torch.float16)
+    _, q, w = _prob_case(dtype=torch.float32)
+    (gw,) = torch.autograd.grad(xent.cross_entropy(x, q, weight=w), (w,))
+    (rw,) = torch.autograd.grad(F.cross_entropy(x.float(), q, weight=w), (w,))
+    assert_close(gw, rw, 2e-3)
+    x, q, w = _prob_case()
+    capped = xent.cross_entropy(x, q, weight=w, softcap=3.0, z_loss=0.1, reduction="sum")
+    (gw,) = torch.autograd.grad(capped, (w,))
+    log_p = (3.0 * torch.tanh(x / 3.0)).log_softmax(1)
+    assert_close(gw, -(q * log_p).sum(0), 1e-12)
+
+
+def test_prob_target_class_weight_gradient_edge_cases():
+    # inplace_backward gives way to the weight's gradient (it needs the logits); with no class
+    # the gradient is empty, as in PyTorch.
+    x, q, w = _prob_case()
+    ours = torch.autograd.grad(xent.cross_entropy(x, q, w, inplace_backward=True), (x, w))
+    theirs = torch.autograd.grad(F.cross_entropy(x, q, w), (x, w))
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, b, 1e-12)
+    x0, w0 = torch.randn(3, 0, requires_grad=True), torch.ones(0, requires_grad=True)
+    for reduction in ("none", "sum"):
+        (g,) = torch.autograd.grad(
+            xent.cross_entropy(x0, torch.rand(3, 0), w0, reduction=reduction).sum(), (w0,)
+        )
+        assert g.shape == (0,)
+
+
+def test_prob_target_class_weight_gradcheck():
+    x, q, w = _prob_case(n=3, c=4)
+    for reduction in ("none", "mean"):
+        fn = partial(xent.cross_entropy, reduction=reduction, label_smoothing=0.1)
+        assert torch.autograd.gradcheck(fn, (x, q, w))  # weight is the third argument
+        assert torch.autograd.gradgradcheck(fn, (x, q, w))
+
+
+def test_prob_target_class_weight_under_torch_func():
+    x, q, w = _prob_case()
+    x, q, w = x.detach(), q.detach(), w.detach()
+    ours = torch.func.jacrev(lambda w: xent.cross_entropy(x, q, weight=w, reduction="none"))(w)
+    theirs = torch.func.jacrev(lambda w: F.cross_entropy(x, q, weight=w, reduction="none"))(w)
+    assert_close(ours, theirs, 1e-12)
+    v = torch.rand_like(w)
+    ours = torch.func.jvp(lambda w: xent.cross_entropy(x, q, weight=w), (w,), (v,))[1]
+    theirs = torch.func.jvp(lambda w: F.cross_entropy(x, q, weight=w), (w,), (v,))[1]
+    assert_close(ours, theirs, 1e-12)
+
+
+def test_prob_target_class_weight_under_torch_compile():
+    x, q, w = _prob_case(dtype=torch.float32)
+
+    def step(x, q, w):
+        return xent.cross_entropy(x, q, weight=w, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    ours = torch.autograd.grad(compiled(x, q, w), (x, q, w))
+    theirs = torch.autograd.grad(F.cross_entropy(x, q, weight=w, label_smoothing=0.1), (x, q, w))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_weight_requiring_grad_is_refused():
@@ -471,8 +589,9 @@ def test_small_integer_targets_do_not_wrap_around_ignore_index(fn):
     torch.testing.assert_close(fn(x, t), getattr(F, fn.__name__)(x, t.long()))
     with pytest.raises(IndexError, match="Target 156 is out of bounds"):
         fn(torch.randn(2, 10), torch.tensor([156, 3], dtype=torch.uint8))
-    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
-        fn(torch.randn(2, 10), torch.tensor([-1, 3], dtype=torch.int8), ignore_index=255)
+    # Nor may ignore_index=-1 ignore a uint8 255 (which is -1 wrapped around).
+    with pytest.raises(IndexError, match="Target 255 is out of bounds"):
+        fn(torch.randn(2, 10), torch.tensor([255, 3], dtype=torch.uint8), ignore_index=-1)
 
 
 def test_fp16_gradient_survives_loss_scaling():

@@ -157,7 +157,11 @@ def check_logits(input: torch.Tensor) -> None:
         raise TypeError(f"input must have a floating dtype, got {input.dtype}")
 
 
-def check_class_weight(weight: torch.Tensor | None, num_classes: int) -> None:
+def check_class_weight(
+    weight: torch.Tensor | None, num_classes: int, differentiable: bool = False
+) -> None:
+    """A ``(C)`` class weight; one that requires grad only where ``differentiable`` (PyTorch:
+    cross-entropy with probability targets), else PyTorch's ``RuntimeError``."""
     if weight is None:
         return
     if weight.dim() != 1 or weight.numel() != num_classes:
@@ -165,10 +169,11 @@ def check_class_weight(weight: torch.Tensor | None, num_classes: int) -> None:
             f"weight tensor should be defined either for all {num_classes} classes or no classes "
             f"but got weight tensor of shape: {list(weight.shape)}"
         )
-    if weight.requires_grad and torch.is_grad_enabled():
+    if weight.requires_grad and torch.is_grad_enabled() and not differentiable:
         raise RuntimeError(
-            "class weights are not differentiable in xent (nor in PyTorch); "
-            "pass weight.detach() instead of a tensor that requires grad"
+            "class weights are not differentiable here (nor in PyTorch, which differentiates "
+            "them for probability targets only); pass weight.detach() instead of a tensor that "
+            "requires grad"
         )
 
 
@@ -183,10 +188,41 @@ def check_weight_dtype(weight: torch.Tensor | None, input: torch.Tensor) -> None
         )
 
 
-def check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-    """Shape, dtype and range of a class-index target; raises before any arithmetic."""
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise RuntimeError(f"expected an integer dtype for class-index targets, got {target.dtype}")
+def _scalar_type_name(dtype: torch.dtype) -> str:
+    """PyTorch's C++ name of ``dtype`` (``Int`` for int32, ``Byte`` for uint8, ``Float``, ...),
+    the word its error messages use."""
+    return torch.empty(0, dtype=dtype, device="cpu").type().removeprefix("torch.")[: -len("Tensor")]
+
+
+def check_index_target_dtype(target: torch.Tensor, reduction: str) -> None:
+    """PyTorch's rule for the dtype of a class-index target of ``cross_entropy`` / ``nll_loss``.
+
+    int64 always; uint8 for a 0-d or 1-D target (the ``(C)`` and ``(N, C)`` inputs), and for a
+    spatial ``(N, d1, …, dK)`` one only when it is empty and reduced (no element is read). Any
+    other dtype raises PyTorch's ``RuntimeError`` with its words, followed by the dtype.
+    """
+    if target.dtype == torch.int64:
+        return
+    if target.dtype != torch.uint8:
+        raise RuntimeError(
+            "expected target dtype to be Long or Byte, but got "
+            f"{_scalar_type_name(target.dtype)} ({target.dtype})"
+        )
+    if target.dim() >= 2 and not (target.numel() == 0 and reduction != "none"):
+        raise RuntimeError(
+            f"expected scalar type Long but found Byte (a {target.dtype} target of shape "
+            f"{list(target.shape)}: uint8 is taken for () and (N) targets only)"
+        )
+
+
+def check_index_target(
+    input: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str
+) -> None:
+    """Shape, dtype and range of a class-index target; raises before any arithmetic.
+
+    The shape is checked first, then the dtype (:func:`check_index_target_dtype`), in PyTorch's
+    order and with its exception types.
+    """
     if input.dim() == 1:
         if target.dim() != 0:
             raise ValueError(
@@ -213,6 +249,7 @@ def check_index_target(input: torch.Tensor, target: torch.Tensor, ignore_index: 
                 f"Expected target size {list(expected)}, got {list(target.shape)} "
                 f"(input shape {list(input.shape)})"
             )
+    check_index_target_dtype(target, reduction)
 
 
 def value_check(t: torch.Tensor) -> str:

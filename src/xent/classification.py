@@ -140,10 +140,13 @@ def cross_entropy(
             vocabulary-parallel path (:mod:`xent.distributed`); a replicated one is used as its
             local tensor.
         target: class indices ``()``, ``(N)`` or ``(N, d1, …, dK)`` with values in ``[0, C)``
-            or equal to ``ignore_index``; or probabilities with ``input``'s shape and a floating
-            dtype (no check that they sum to 1; differentiable).
-        weight: optional ``(C)`` class weights, may be negative; not differentiable; the input's
-            dtype for class-index targets (else ``RuntimeError``, as in PyTorch).
+            or equal to ``ignore_index``, int64 (or uint8 for ``()`` and ``(N)``; see
+            :func:`xent._validation.check_index_target_dtype`), else ``RuntimeError`` as in
+            PyTorch; or probabilities with ``input``'s shape and a floating dtype (no check that
+            they sum to 1; differentiable).
+        weight: optional ``(C)`` class weights, may be negative; the input's dtype for
+            class-index targets (else ``RuntimeError``, as in PyTorch) and then not
+            differentiable; differentiable with probability targets, as in PyTorch.
         size_average: deprecated, as in PyTorch: with ``reduce``, if either is not None, it
             overrides ``reduction`` (see :func:`xent._validation.legacy_reduction`) with
             PyTorch's ``UserWarning``.
@@ -199,7 +202,6 @@ def cross_entropy(
       negative and NaN values);
     * fp16/bf16 inputs are computed and reduced in fp32 and rounded once, so a ``"mean"`` over
       many rows stays finite (PyTorch's CPU kernel overflows to inf/NaN past ~60 000 fp16 rows);
-    * class-index targets may have any integer dtype (PyTorch takes only int64 and uint8).
 
     Raises:
         IndexError: a target outside ``[0, C)`` that is not ``ignore_index``, e.g.
@@ -236,8 +238,10 @@ def cross_entropy(
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if vocab_parallel is not None:
         num_classes = vocab_parallel.vocab
-    check_class_weight(weight, num_classes)
-    if not policy.is_probability_target(input, target):
+    probs = policy.is_probability_target(input, target)
+    check_class_weight(weight, num_classes, differentiable=probs)
+    if not probs:
+        check_index_target(input, target, ignore_index, reduction)
         check_weight_dtype(weight, input)
     impl = dispatch.resolve(impl, input)
     z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
@@ -250,20 +254,22 @@ def cross_entropy(
     params = CEParams(
         ignore_index, reduction, eps, z_loss, softcap, check_chunk_size(chunk_size), impl
     )
-    if policy.is_probability_target(input, target):
+    if probs:
         check_prob_target(input, target, ignore_index)
         if vocab_parallel is not None:
             raise ValueError("vocabulary-parallel cross-entropy takes class-index targets only")
         rows_target = _as_rows(target)
     else:
-        check_index_target(input, target, ignore_index)
-        # int64 from here on: compared in uint8/int8, ignore_index=-100 would wrap to 156/-100
+        # int64 from here on: compared in uint8, ignore_index=-100 would wrap to 156
         # and silently ignore a real class. Its range is checked by the engine, where it is read.
         rows_target = target.reshape(-1).long()
     if num_classes == 0 and vocab_parallel is None:
         if rows_target.dim() == 1:
             check_target_range(rows_target, 0, ignore_index)
         loss = _no_classes(_as_rows(input), rows_target, reduction, eps, z_loss)
+        if weight is not None and weight.requires_grad:
+            # No class, no term holds a weight: ∂L/∂w is the empty (0) gradient, as in PyTorch.
+            loss = loss + weight.sum().to(loss.dtype)  # an empty sum: exactly 0
         return _rows_to_target_shape(loss, input) if reduction == "none" else loss
     inplace = bool(inplace_backward) and input.dim() == 2
     loss = cross_entropy_rows(
@@ -295,7 +301,7 @@ def nll_loss(
         input: log-probabilities ``(C)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; floating dtype.
             Nothing checks that they are normalised: the loss is simply linear in ``input``.
         target: class indices ``()``, ``(N)`` or ``(N, d1, …, dK)`` in ``[0, C)`` or
-            ``ignore_index``.
+            ``ignore_index``; int64, or uint8 for ``()`` and ``(N)`` (as in PyTorch).
         weight: optional ``(C)`` class weights of the input's dtype (else ``RuntimeError``, as
             in PyTorch).
         size_average: deprecated, as in PyTorch: with ``reduce``, if either is not None, it
@@ -330,7 +336,7 @@ def nll_loss(
     check_logits(input)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     check_class_weight(weight, num_classes)
-    check_index_target(input, target, ignore_index)
+    check_index_target(input, target, ignore_index, reduction)
     check_weight_dtype(weight, input)
     check_target_range(target, num_classes, ignore_index)
     if num_classes == 0:

@@ -44,6 +44,52 @@ def _class_weight(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tens
 # --------------------------------------------------------------------------------------------
 
 
+def _log_softmax(
+    x: torch.Tensor, params: CEParams
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, tanh(x/s), m, log s, log p)`` of ``(M, C)`` logits in the compute dtype, in
+    differentiable operations: ``z = s tanh(x/s)`` under a soft cap (else ``z = x``), the row
+    max ``m``, ``log s = log Σ_c e^{z_c - m}`` and ``log p = (z - m) - log s`` (``(M, 1)``
+    statistics)."""
+    xc = x.to(compute_dtype(x.dtype))
+    t = None
+    if params.softcap is not None:
+        t = torch.tanh(xc / params.softcap)
+        z = params.softcap * t
+    else:
+        z = xc
+    m = stable_max(z, 1)
+    shifted = z - m  # relative to the max: log p never subtracts lse from a logit
+    log_s = shifted.exp().sum(dim=1, keepdim=True).log()
+    return xc, t, m, log_s, shifted - log_s
+
+
+def class_weight_terms(x: torch.Tensor, q: torch.Tensor, params: CEParams) -> torch.Tensor:
+    """``D_ic = ∂l_i/∂w_c = -q'_ic log p_ic`` for probability targets, ``(M, C)`` in the
+    compute dtype, differentiable again.
+
+    With probability targets the row loss is ``l_i = -Σ_c w_c q'_ic log p_ic`` plus a z-loss
+    ``ζ lse_i²`` that holds no weight, where ``q' = (1 - ε) q + ε/C`` and ``p = softmax(z_i)``
+    depends on the logits alone; it is linear in ``w``, so ``∂l_i/∂w_c = -q'_ic log p_ic``.
+    The row coefficients ``c_i = ∂L/∂l_i`` do not depend on ``w`` either (a mean over
+    probability targets divides by ``M``, not by a sum of weights), hence
+    ``∂L/∂w_c = Σ_i c_i D_ic``: one column sum of the terms, in closed form.
+    """
+    log_p = _log_softmax(x, params)[4]
+    qc = q.to(log_p.dtype)
+    eps = params.label_smoothing
+    qc = qc if eps == 0.0 else (1.0 - eps) * qc + eps / qc.shape[1]
+    return -qc * log_p
+
+
+def class_weight_grad(
+    x: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, coef: torch.Tensor, params: CEParams
+) -> torch.Tensor:
+    """``∂L/∂w = Σ_i c_i D_i`` (:func:`class_weight_terms`) in ``weight``'s dtype, ``(C)``."""
+    terms = class_weight_terms(x, q, params)
+    return (coef[:, None].to(terms.dtype) * terms).sum(0).to(weight.dtype)
+
+
 def _closed_form_grad(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -60,16 +106,7 @@ def _closed_form_grad(
     z-loss adds ``2ζ c lse p_j`` and a soft cap multiplies by ``1 - tanh²(x/s)``. The same
     formulas as the one-pass kernel, written so that autograd can differentiate them again.
     """
-    xc = x.to(compute_dtype(x.dtype))
-    if params.softcap is not None:
-        t = torch.tanh(xc / params.softcap)
-        z = params.softcap * t
-    else:
-        z = xc
-    m = stable_max(z, 1)
-    shifted = z - m  # relative to the max: log p never subtracts lse from a logit
-    log_s = shifted.exp().sum(dim=1, keepdim=True).log()
-    log_p = shifted - log_s
+    xc, t, m, log_s, log_p = _log_softmax(x, params)
     c = coef[:, None]
     w = _class_weight(weight, xc)
     eps = params.label_smoothing
@@ -82,9 +119,10 @@ def _closed_form_grad(
             grad_q = -(1.0 - eps) * c * (log_p if w is None else log_p * w)
     else:
         _, safe, w_y = target_weights(target, w, params.ignore_index, xc.dtype)
-        a = torch.zeros_like(z).scatter(1, safe[:, None], -(1.0 - eps) * c * w_y[:, None])
+        a = torch.zeros_like(log_p).scatter(1, safe[:, None], -(1.0 - eps) * c * w_y[:, None])
         if eps > 0.0:
-            a = a - (eps / z.shape[1]) * c * (torch.ones_like(z[:1]) if w is None else w[None, :])
+            ones = torch.ones_like(log_p[:1])
+            a = a - (eps / log_p.shape[1]) * c * (ones if w is None else w[None, :])
     p = log_p.exp()
     grad = a - p * a.sum(dim=1, keepdim=True)
     if params.z_loss != 0.0:
@@ -195,6 +233,13 @@ class CrossEntropyFn(torch.autograd.Function):
         need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = grad_output.to(coef.dtype)
         none = params.reduction == "none"
+        grad_w = None
+        if ctx.needs_input_grad[2]:  # probability targets only (the public functions check)
+            if x is None:
+                raise RuntimeError(policy.INPLACE_CONSUMED)
+            grad_w = class_weight_grad(
+                x, target, weight, coef * (g.reshape(-1) if none else g), params
+            )
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient is needed
             if ctx.parallel is not None:
                 policy.refuse_double_backward("vocab_parallel_cross_entropy")
@@ -205,7 +250,7 @@ class CrossEntropyFn(torch.autograd.Function):
                 )
             c = coef * (g.reshape(-1) if none else g)
             grad_x, grad_q = _closed_form_grad(x, target, weight, c, params, need_q)
-            return (grad_x if need_x else None), grad_q, None, None, None, None, None
+            return (grad_x if need_x else None), grad_q, grad_w, None, None, None, None
         dtype = target.dtype if x is None else x.dtype
         if not policy.grad_in_forward(params.reduction, dtype):
             # Only the statistics (m, log s) were kept ("none", or fp16 logits): one more pass
@@ -213,7 +258,7 @@ class CrossEntropyFn(torch.autograd.Function):
             grads = _empty_grads(x, target, need_x, need_q)
             c = coef * (g.reshape(-1) if none else g)
             cross_entropy_backward_pass(x, target, weight, c, params, grads, stats, ctx.parallel)
-            return grads[0], grads[1], None, None, None, None, None
+            return grads[0], grads[1], grad_w, None, None, None, None
         # The forward pass already formed c_i ∂l_i/∂x; hand the buffers over (no copy; they are
         # freed with the result) and apply the upstream factor.
         grad_x, grad_q = ctx.grads
@@ -225,7 +270,7 @@ class CrossEntropyFn(torch.autograd.Function):
                 x, target, weight, coef, params, (grad_x, grad_q), None, ctx.parallel
             )
         dispatch.scale_unless_one_((grad_x, grad_q), g, params.impl)
-        return grad_x, grad_q, None, None, None, None, None
+        return grad_x, grad_q, grad_w, None, None, None, None
 
 
 def _func_coefficients(target, weight, params: CEParams, dtype) -> torch.Tensor:
@@ -292,10 +337,13 @@ class CrossEntropyFuncFn(torch.autograd.Function):
         c = coef * (g.reshape(-1) if params.reduction == "none" else g)
         need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x, grad_q = _closed_form_grad(x, target, weight, c, params, need_q)
-        return (grad_x if need_x else None), grad_q, None, None
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = class_weight_grad(x, target, weight, c, params)
+        return (grad_x if need_x else None), grad_q, grad_w, None
 
     @staticmethod
-    def jvp(ctx, x_t, q_t, *_):
+    def jvp(ctx, x_t, q_t, w_t, *_):
         x, target, weight = ctx.saved_tensors
         params: CEParams = ctx.params
         coef = _func_coefficients(target, weight, params, compute_dtype(x.dtype))
@@ -306,6 +354,10 @@ class CrossEntropyFuncFn(torch.autograd.Function):
             out = out + (grad_x.to(coef.dtype) * x_t.to(coef.dtype)).sum(dims)
         if q_t is not None:
             out = out + (grad_q.to(coef.dtype) * q_t.to(coef.dtype)).sum(dims)
+        if w_t is not None and target.dim() == 2:
+            # Probability targets only: ⟨∂L/∂w, ẇ⟩ = Σ_c (Σ_i c_i D_ic) ẇ_c.
+            terms = coef[:, None] * class_weight_terms(x, target, params)
+            out = out + (terms * w_t.to(terms.dtype)[None, :]).sum(dims)
         return out.to(x.dtype)
 
 

@@ -18,6 +18,7 @@ from xent._engine.autograd import (
     CrossEntropyFn,
     CrossEntropyFuncFn,
     LinearOptions,
+    class_weight_grad,
     cross_entropy_backward_pass,
     cross_entropy_forward,
     linear_ce_backward,
@@ -97,12 +98,18 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_out, *_unused):
     x, target, weight, stats, coef, grad_x, grad_q = ctx.saved_tensors
     need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_w = None
+    if ctx.needs_input_grad[2]:  # probability targets: plain operations beside the operators
+        params = CEParams.from_options(ctx.reduction, ctx.impl, ctx.options)
+        g = grad_out.to(coef.dtype)
+        c = coef * (g.reshape(-1) if ctx.reduction == "none" else g)
+        grad_w = class_weight_grad(x, target, weight, c, params)
     if policy.grad_in_forward(ctx.reduction, x.dtype):  # formed in the forward: scale
         g = grad_out.to(coef.dtype)
         return (
             (grad_x * g).to(x.dtype) if need_x else None,
             (grad_q * g).to(target.dtype) if need_q else None,
-            None,
+            grad_w,
             None,
             None,
             None,
@@ -119,7 +126,7 @@ def _fwd_backward(ctx, grad_out, *_unused):
         ctx.options,
         [need_x, need_q],
     )
-    return grad_x if need_x else None, grad_q if need_q else None, None, None, None, None, None
+    return grad_x if need_x else None, grad_q if need_q else None, grad_w, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -159,7 +166,9 @@ def cross_entropy_rows(
     if torch.compiler.is_compiling() and parallel is None:
         return cross_entropy_compiled(x, target, weight, params)
     grad_on = torch.is_grad_enabled()
-    inplace = inplace and grad_on and policy.gradient_into_logits(x)
+    # ∂L/∂w (probability targets) is formed from the logits in backward: keep them.
+    weight_grad = weight is not None and weight.requires_grad
+    inplace = inplace and grad_on and not weight_grad and policy.gradient_into_logits(x)
     return CrossEntropyFn.apply(x, target, weight, params, inplace, grad_on, parallel)
 
 
