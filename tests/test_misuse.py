@@ -322,11 +322,9 @@ DEVIATIONS: dict[str, dict[str, Any]] = {
     **{
         f"{name}/target-int32": _oracle_on(name, "target", TARGET)
         for name in (
-            "linear_cross_entropy",
             "linear_cross_entropy_reference",
             "reference.cross_entropy_reference",
             "reference.linear_cross_entropy_reference",
-            "nn.LinearCrossEntropyLoss",
             "log_probs",
             "linear_log_probs",
             "linear_policy_loss",

@@ -28,6 +28,7 @@ from xent._validation import (
     Reduction,
     check_chunk_size,
     check_class_weight,
+    check_index_target_dtype,
     check_label_smoothing,
     check_linear_args,
     check_normalizer,
@@ -201,8 +202,10 @@ def linear_cross_entropy(
     kernel = dispatch.resolve(impl, input)
     input, linear_weight, linear_bias, out_dtype = _autocast(input, linear_weight, linear_bias)
     probs = check_linear_args(input, linear_weight, target, linear_bias, token_weight, ignore_index)
-    ignore = -100 if ignore_index is None else int(ignore_index)
     out_features = tuple(linear_weight.shape[1:-1])
+    if not probs:  # PyTorch's int64/uint8 rule, on the (N) or (N, d1, …) targets it sees
+        check_index_target_dtype(target if out_features else target.reshape(-1), reduction)
+    ignore = -100 if ignore_index is None else int(ignore_index)
     if vocab_parallel is not None and (probs or out_features):
         raise ValueError(
             "a vocabulary-sharded linear_weight takes class-index targets and a (V, H) weight"
