@@ -411,6 +411,25 @@ def test_the_deprecated_arguments_warn_and_pick_pytorchs_reduction(
     assert record[0].filename == __file__
 
 
+@pytest.mark.parametrize(
+    "name", sorted(n for n, p in PAIRS.items() if "reduction" in p.options and not p.module)
+)
+def test_elementwise_mean_is_pytorchs_deprecated_mean(name: str) -> None:
+    """``reduction="elementwise_mean"``, PyTorch's old name of ``"mean"``: the same value and the
+    same warnings, pointing at the caller's line."""
+    pair = PAIRS[name]
+    data = pair.data[0]
+    asked = dict(reduction="elementwise_mean")
+    theirs, their_warnings, _ = _run(pair, pair.theirs, data, (), asked)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = pair.ours(*data, **asked)
+    assert [(w.category, str(w.message)) for w in caught] == their_warnings
+    assert their_warnings and all(w.filename == __file__ for w in caught)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours, pair.ours(*data, reduction="mean"))
+
+
 def test_a_positional_call_is_never_read_as_another_parameter() -> None:
     """The examples that used to differ: the fourth slot is ``size_average``, the fifth
     ``ignore_index``."""

@@ -41,6 +41,9 @@ def check_reduction(reduction: str, choices: tuple[str, ...] = REDUCTIONS) -> No
 LEGACY_REDUCTION_WARNING = (
     "size_average and reduce args will be deprecated, please use reduction='{}' instead."
 )
+ELEMENTWISE_MEAN_WARNING = (
+    "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead."
+)
 
 
 def legacy_reduction(
@@ -48,13 +51,17 @@ def legacy_reduction(
 ) -> str:
     """The reduction a call asks for, the deprecated ``size_average`` and ``reduce`` included.
 
-    Both ``None``: ``reduction`` itself. Otherwise they override it, as in PyTorch: each ``None``
+    Both ``None``: ``reduction`` itself (``"elementwise_mean"``, PyTorch's deprecated name, is
+    ``"mean"`` with PyTorch's warning). Otherwise they override it, as in PyTorch: each ``None``
     counts as true, and then ``reduce`` false gives ``"none"``, ``size_average`` false ``"sum"``,
     both true ``"mean"`` (truthiness, so ``0`` and ``1`` work as in PyTorch), with PyTorch's
     ``UserWarning`` naming the equivalent ``reduction=``. ``stacklevel`` 3 points the warning at
     the caller of the public function that asks.
     """
     if size_average is None and reduce is None:
+        if reduction == "elementwise_mean":  # PyTorch's older name of "mean", still accepted
+            warnings.warn(ELEMENTWISE_MEAN_WARNING, UserWarning, stacklevel=stacklevel)
+            return "mean"
         return reduction
     average = True if size_average is None else size_average
     keep = True if reduce is None else reduce

@@ -99,9 +99,11 @@ def kl_div(
     check_floating("input", input)
     check_floating("target", target)
     if size_average is None and reduce is None:
+        # "elementwise_mean" is "mean" with PyTorch's rename warning, not the batchmean one.
+        asked, reduction = reduction, legacy_reduction(None, None, reduction, stacklevel=4)
         check_reduction(reduction, KL_REDUCTIONS)
         applied = "sum" if reduction == "batchmean" else reduction
-        if reduction == "mean":
+        if asked == "mean":
             warnings.warn(MEAN_WARNING, UserWarning, stacklevel=3)  # past the autocast wrapper
     else:
         applied = legacy_reduction(size_average, reduce, reduction, stacklevel=4)  # past autocast

@@ -23,6 +23,7 @@ from xent._validation import (
     check_reduction,
     check_same_shape,
     check_tensor_args,
+    legacy_reduction,
     type_name,
 )
 
@@ -99,6 +100,7 @@ def huber_loss(
     check_floating("input", input)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    reduction = legacy_reduction(None, None, reduction, stacklevel=4)  # past autocast
     check_reduction(reduction)
     delta = check_delta(delta, huber_loss)
     if target.shape != input.shape:
