@@ -62,10 +62,11 @@ def _shiftable(x, scale, cap, inv_t, HAS_CAP: tl.constexpr):
     """``(v, f, tanh)``: the value whose row max is the shift ``m``, and the factor with
     ``u - max u = (v - m)·f``. Through a cap ``v = u`` (``f = 1``); without one the raw logit
     ``x`` itself (``u = f·x``, ``f = scale·inv_t > 0``), so that ``x - m`` is formed before any
-    rounding of ``f·x``: exact near the max and 0 at it, whatever the logits' size."""
+    rounding of ``f·x``: exact near the max and 0 at it, whatever the logits' size. Both
+    branches return ``f`` in ``x``'s dtype (a compiled kernel's returns must agree in type)."""
     if HAS_CAP:
         t = _tanh(x * scale / cap)
-        return cap * t * inv_t, 1.0, t
+        return cap * t * inv_t, tl.full((), 1.0, x.dtype), t
     return x, scale * inv_t, x
 
 
