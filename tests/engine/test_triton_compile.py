@@ -75,6 +75,48 @@ def _facts(compiled, workdir: Path) -> dict:
     }
 
 
+def compile_facts(kernel, arch: int, args, kwargs, workdir: Path) -> dict:
+    """:func:`_facts` of ``kernel(*args, **kwargs)`` compiled for ``arch``, or the error."""
+    try:
+        compiled = _compile(kernel, arch, args, kwargs)
+    except Exception as e:  # recorded, and asserted on by the test of this variant
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+    return _facts(compiled, workdir)
+
+
+def compile_all(compile_one, jobs: list, workdir: Path) -> dict:
+    """``dict(compile_one(job, workdir) for job in jobs)``, in two worker processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(partial(compile_one, workdir=str(workdir)), jobs))
+
+
+def compile_in_fresh_process(script: str, workdir: Path) -> dict:
+    """Run ``script`` (a test module whose ``__main__`` compiles its variants and writes their
+    facts as JSON to the path it is given) in a fresh process and return the facts. With the
+    interpreter on (as the other test modules need it without a GPU) Triton's own library
+    functions cannot be compiled, so the compiles run with it off, into an empty cache so that
+    each one is real."""
+    import json
+    import sys
+
+    import xent  # an import error fails here, never skips
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(workdir / "cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    src = str(Path(xent.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    out = workdir / "facts.json"
+    proc = subprocess.run(
+        [sys.executable, script, str(out)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def _warps(block: int) -> int:
     """The warps the launcher runs ``block`` columns with."""
     import xent._engine.triton_rows as kernels
@@ -217,12 +259,9 @@ def _compile_one(job: tuple[str, str, int], workdir: str) -> tuple[str, dict]:
     name, kernel_name, arch = job
     _, dtype, opts = next(v[1:] for v in VARIANTS if v[0] == name)
     args, kwargs = _variant_args(kernel_name, dtype, opts)
-    key = f"{name}-sm{arch}"
-    try:
-        compiled = _compile(getattr(kernels, kernel_name), arch, args, kwargs)
-    except Exception as e:  # recorded, and asserted on by the test of this variant
-        return key, {"error": f"{type(e).__name__}: {e}"[:2000]}
-    return key, _facts(compiled, Path(workdir))
+    return f"{name}-sm{arch}", compile_facts(
+        getattr(kernels, kernel_name), arch, args, kwargs, Path(workdir)
+    )
 
 
 def _alignment_facts() -> dict:
@@ -283,39 +322,17 @@ CASES = [(slice(0, 16), 50257), (slice(3, 16), 50257), (slice(1, 17), 50256), (s
 def _worker(out: str) -> None:
     """Compile every (variant, arch) in two processes; write the facts as JSON to ``out``."""
     import json
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
 
     jobs = [(v[0], v[1], arch) for v in VARIANTS for arch in ARCHS]
-    workdir = Path(out).parent
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = dict(pool.map(partial(_compile_one, workdir=str(workdir)), jobs))
+    results = compile_all(_compile_one, jobs, Path(out).parent)
     results["alignment"] = _alignment_facts()
     Path(out).write_text(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """Every variant compiled in a fresh process: with the interpreter on (as the other test
-    modules need it without a GPU) Triton's own library functions cannot be compiled, so the
-    compiles run with it off, into an empty cache so that each one is real."""
-    import json
-    import sys
-
-    import xent  # an import error fails here, never skips
-
-    workdir = tmp_path_factory.mktemp("triton-compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(workdir / "cache")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    src = str(Path(xent.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    out = workdir / "facts.json"
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    """Every variant compiled in a fresh process (:func:`compile_in_fresh_process`)."""
+    return compile_in_fresh_process(__file__, tmp_path_factory.mktemp("triton-compile"))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
