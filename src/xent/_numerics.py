@@ -190,3 +190,18 @@ def empty_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         if end > start:
             _libc.madvise(start, end - start, _MADV_HUGEPAGE)
     return out
+
+
+class Scratch:
+    """Work buffers of one ``(rows, cols)`` shape for a kernel's blocks or chunks, allocated once
+    per call and only when first asked for; ``get(name, n)`` is buffer ``name``'s first ``n``
+    rows (the last block may be shorter)."""
+
+    def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.shape, self.device, self.dtype = (rows, cols), device, dtype
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int) -> torch.Tensor:
+        if name not in self._bufs:
+            self._bufs[name] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        return self._bufs[name][:rows]

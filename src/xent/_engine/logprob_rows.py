@@ -55,7 +55,7 @@ import math
 import torch
 
 from xent._engine.options import DivergenceParams, LogProbParams, PolicyParams, Transform
-from xent._numerics import compute_dtype, host_reads_cheap
+from xent._numerics import Scratch, compute_dtype, host_reads_cheap
 
 # Bytes of fp32 per scratch buffer when the caller gives no block size. Each block costs ~8 torch
 # calls; on a CPU shared with other processes a call's thread hand-off was measured at up to
@@ -75,19 +75,6 @@ def _rows_per_block(block_rows: int | None, vocab: int, buffers_per_block: int =
     if block_rows is not None:
         return max(1, int(block_rows))
     return max(1, BLOCK_BYTES // (4 * buffers_per_block * max(vocab, 1)))
-
-
-class _Scratch:
-    """Block-sized work buffers, allocated once per call and only when first asked for."""
-
-    def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.shape, self.device, self.dtype = (rows, cols), device, dtype
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int) -> torch.Tensor:
-        if name not in self._bufs:
-            self._bufs[name] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
-        return self._bufs[name][:rows]
 
 
 def _row_factor(
@@ -258,7 +245,7 @@ def log_prob_rows(
     ent = torch.empty(n, dtype=cdtype, device=x.device) if params.entropy else None
     top = torch.empty(n, dtype=cdtype, device=x.device) if params.top1 else None
     step = _rows_per_block(params.block_rows, vocab)
-    scratch = _Scratch(min(step, max(n, 1)), vocab, x.device, cdtype)
+    scratch = Scratch(min(step, max(n, 1)), vocab, x.device, cdtype)
     for start in range(0, n, step):
         stop = min(start + step, n)
         rows = stop - start
@@ -314,7 +301,7 @@ def log_prob_grad_rows(
     tf = params.transform
     valid, safe = _targets(target, params.ignore_index)
     step = _rows_per_block(params.block_rows, vocab)
-    scratch = _Scratch(min(step, max(n, 1)), vocab, x.device, cdtype)
+    scratch = Scratch(min(step, max(n, 1)), vocab, x.device, cdtype)
     direct = grad_out.dtype == cdtype
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -440,7 +427,7 @@ def log_prob_rows_parallel(
     owned = valid & (local >= 0) & (local < vocab)
     local = torch.where(owned, local, torch.zeros_like(local))
     step = _rows_per_block(params.block_rows, vocab)
-    scratch = _Scratch(min(step, max(n, 1)), vocab, x.device, cdtype)
+    scratch = Scratch(min(step, max(n, 1)), vocab, x.device, cdtype)
     # The global row max: of the raw logits without a cap (u = f·x with f > 0, and the shift
     # from it is exact), of u through one.
     m = torch.empty(n, 1, dtype=cdtype, device=x.device)
@@ -538,7 +525,7 @@ def divergence_rows(
     beta = params.beta
     loss = torch.empty(n, dtype=cdtype, device=xs.device)
     step = _rows_per_block(params.block_rows, vocab, buffers_per_block=6)
-    scratch = _Scratch(min(step, max(n, 1)), vocab, xs.device, cdtype)
+    scratch = Scratch(min(step, max(n, 1)), vocab, xs.device, cdtype)
     direct = grad_out is not None and grad_out.dtype == cdtype
     for start in range(0, n, step):
         stop = min(start + step, n)

@@ -34,26 +34,13 @@ from __future__ import annotations
 import torch
 
 from xent._engine.options import CEParams
-from xent._numerics import compute_dtype, target_weights
+from xent._numerics import Scratch, compute_dtype, target_weights
 
 LOG2E = 1.4426950408889634  # 1 / ln 2
 
 
-class _Scratch:
-    """Chunk-sized fp32 work buffers, allocated once per call and only when needed."""
-
-    def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.shape, self.device, self.dtype = (rows, cols), device, dtype
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int) -> torch.Tensor:
-        if name not in self._bufs:
-            self._bufs[name] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
-        return self._bufs[name][:rows]
-
-
 def _capped_logits(
-    xs: torch.Tensor, softcap: float | None, cdtype: torch.dtype, scratch: _Scratch
+    xs: torch.Tensor, softcap: float | None, cdtype: torch.dtype, scratch: Scratch
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunk's logits ``z`` in the compute dtype, and ``tanh(x / s)`` when soft-capped."""
     rows = xs.shape[0]
@@ -141,7 +128,7 @@ def cross_entropy_pass(
 
     inplace = grad_out is not None and grad_out.data_ptr() == x.data_ptr()
     rows = params.rows_per_chunk(width)
-    scratch = _Scratch(min(rows, max(num_rows, 1)), width, device, cdtype)
+    scratch = Scratch(min(rows, max(num_rows, 1)), width, device, cdtype)
     for start in range(0, num_rows, rows):
         stop = min(start + rows, num_rows)
         n = stop - start
