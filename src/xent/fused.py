@@ -15,7 +15,7 @@ import math
 import torch
 
 from xent._engine import compile as compiled_ops
-from xent._engine import dispatch, parallel, transforms
+from xent._engine import dispatch, parallel, policy, transforms
 from xent._engine.autograd import (
     LinearClassWeightGradFn,
     LinearCrossEntropyFn,
@@ -200,7 +200,9 @@ def linear_cross_entropy(
             transforms.refuse("linear_cross_entropy with a vocabulary-sharded weight")
     linear_bias = parallel.local_tensor(linear_bias, "linear_bias")
     kernel = dispatch.resolve(impl, input)
-    input, linear_weight, linear_bias, out_dtype = _autocast(input, linear_weight, linear_bias)
+    input, linear_weight, linear_bias, out_dtype = policy.autocast_linear(
+        input, linear_weight, linear_bias
+    )
     probs = check_linear_args(input, linear_weight, target, linear_bias, token_weight, ignore_index)
     out_features = tuple(linear_weight.shape[1:-1])
     if not probs:  # PyTorch's int64/uint8 rule, on the (N) or (N, d1, …) targets it sees
@@ -315,30 +317,6 @@ def linear_cross_entropy(
     if reduction != "none":
         return loss
     return loss.reshape((*input.shape[:-1], *out_features))
-
-
-def _autocast(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype | None]:
-    """Inside an autocast region: the input, weight and bias in the region's dtype, and the
-    loss's dtype, fp32 (what ``F.linear`` then ``F.cross_entropy`` give there); else unchanged.
-
-    The products then read the autocast dtype and accumulate in fp32; the casts are
-    differentiable, so each parameter's gradient comes back in its own dtype. As in autocast,
-    fp64 tensors are left alone.
-    """
-    device = input.device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return input, weight, bias, None
-    dtype = torch.get_autocast_dtype(device)
-
-    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-            return t
-        return t.to(dtype)
-
-    input, weight, bias = cast(input), cast(weight), cast(bias)
-    return input, weight, bias, torch.float32  # type: ignore[return-value]
 
 
 def _chunk_tokens(

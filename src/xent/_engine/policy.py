@@ -183,3 +183,28 @@ def autocast_like_torch(name: str) -> Callable[[_F], _F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def autocast_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype | None]:
+    """Autocast for ``linear_cross_entropy``, as ``F.linear`` then ``F.cross_entropy`` behave:
+    inside an autocast region the input, weight and bias in the region's dtype, and the loss's
+    dtype, fp32; else unchanged (and None).
+
+    The products then read the autocast dtype and accumulate in fp32; the casts are
+    differentiable, so each parameter's gradient comes back in its own dtype. As in autocast,
+    fp64 tensors are left alone.
+    """
+    device = input.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return input, weight, bias, None
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
+    input, weight, bias = cast(input), cast(weight), cast(bias)
+    return input, weight, bias, torch.float32  # type: ignore[return-value]
