@@ -670,7 +670,9 @@ class LinearClassWeightGradFn(torch.autograd.Function):
     ``w`` for probabilities), ``l_i = c_i Σ_v w_v q'_iv (lse(z_i) − z_iv) + (terms free of
     w)``, so
 
-    .. math:: ∂L/∂w_v = Σ_i g_i c_i q'_iv (\\operatorname{lse}(z_i) − z_iv).
+    .. math:: ∂L/∂w_v = Σ_i g_i c_i q'_iv (\\operatorname{lse}(z_i) − z_iv),
+
+    the terms of :func:`class_weight_terms` (the same as on logits), chunk by chunk.
 
     The forward returns zeros of the loss's shape (added to the loss, it changes nothing);
     backward forms that sum chunk by chunk from recomputed logits (never all ``N × V`` at
@@ -706,14 +708,12 @@ class LinearClassWeightGradFn(torch.autograd.Function):
             z = (x[start:stop].to(cdtype) @ w3.t()).reshape(-1, vocab, heads)
             if b3 is not None:
                 z = z + b3
-            if ce.softcap is not None:
-                z = ce.softcap * torch.tanh(z / ce.softcap)
-            neg_logp = torch.logsumexp(z, dim=1, keepdim=True) - z
-            qs = q[start:stop].reshape(-1, vocab, heads).to(cdtype)
-            if ce.label_smoothing > 0.0:
-                qs = (1.0 - ce.label_smoothing) * qs + ce.label_smoothing / vocab
-            gs = g[start * heads : stop * heads].reshape(-1, 1, heads)
-            grad += (gs * qs * neg_logp).sum(dim=(0, 2))
+            # (token, position) pairs as rows, n-major like g; class_weight_terms applies the
+            # soft cap and smoothing and forms log p relative to the row max.
+            rows = z.transpose(1, 2).reshape(-1, vocab)
+            qs = q[start:stop].reshape(-1, vocab, heads).transpose(1, 2).reshape(-1, vocab)
+            terms = class_weight_terms(rows, qs, ce)
+            grad += (g[start * heads : stop * heads, None] * terms).sum(0)
         return grad.to(class_weight.dtype), None, None, None, None, None
 
 
